@@ -1,0 +1,34 @@
+r"""Full fine-tuning: every backbone parameter and a new linear head train.
+
+    python -m jprompt.main --config=configs/finetune.py:demo --workdir=/tmp/finetune_demo
+    python -m jprompt.main --config=configs/finetune.py:backbone=vit_b16,dataset=cifar100 \
+        --workdir=/tmp/finetune_cifar100
+
+Args: backbone=NAME (default vit_b16), dataset=NAME (default cifar100), demo (offline tiny run).
+
+Recipe of vit_jax's fine-tuning: SGD momentum 0.9, lr 0.01, no weight decay, global-norm gradient
+clipping at 1, 500 warmup steps then cosine, batch 512, 10 epochs here.
+"""
+
+from jprompt import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, backbone="vit_b16", dataset="cifar100", demo=False)
+    if args.demo:
+        args.backbone = config_lib.DEMO_BACKBONE
+        args.dataset = config_lib.DEMO_DATASET
+    config = config_lib.base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config.method.name = "finetune"
+    config.method.head_init = "zeros"
+
+    config.batch_size = 512
+    config.optim.lr = 0.01
+    config.optim.grad_clip_norm = 1.0
+    config.optim.warmup_steps = 500
+    config.num_epochs = 10
+    if args.demo:
+        config.batch_size = 128
+        config.optim.lr = 0.03
+        config.optim.warmup_steps = 20
+    return config_lib.lock(config)

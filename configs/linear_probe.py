@@ -1,0 +1,31 @@
+r"""Linear probe: a linear classifier on the frozen backbone's features.
+
+    python -m jprompt.main --config=configs/linear_probe.py:demo --workdir=/tmp/linear_demo
+    python -m jprompt.main --config=configs/linear_probe.py:backbone=vit_b16,dataset=cifar100 \
+        --workdir=/tmp/linear_cifar100
+
+Args: backbone=NAME (default vit_b16), dataset=NAME (default cifar100), demo (offline tiny run).
+
+Recipe as VPT's linear baseline: SGD momentum 0.9, batch 256, 100 epochs, 10 warmup epochs then
+cosine; lr 0.1 here (VPT searches {50 ... 0.05} x batch/256 on a validation split).
+"""
+
+from jprompt import config_lib
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, backbone="vit_b16", dataset="cifar100", demo=False)
+    if args.demo:
+        args.backbone = config_lib.DEMO_BACKBONE
+        args.dataset = config_lib.DEMO_DATASET
+    config = config_lib.base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config.method.name = "linear_probe"
+    config.method.head_init = "zeros"
+
+    config.optim.lr = 0.1
+    config.num_epochs = 100
+    config.optim.warmup_epochs = 10
+    if args.demo:
+        config.num_epochs = 10
+        config.optim.warmup_epochs = 1
+    return config_lib.lock(config)

@@ -1,0 +1,153 @@
+"""Helpers shared by the files in ``configs/``.
+
+A config file is chosen as ``--config=configs/vp.py:backbone=vit_s16,dataset=cifar10,demo``: the
+text after ``:`` is a comma-separated list of ``key=value`` pairs and bare flags, parsed here
+against the defaults the config file declares. Single fields are overridden afterwards with
+``--config.optim.lr=0.1``; the configs are locked, so a misspelt field fails.
+"""
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+# Splits for datasets whose tfds version has no validation split: the last 10% of train
+# validates. Any other tfds name is accepted with the same defaults.
+DEFAULT_SPLITS = ("train[:90%]", "train[90%:]", "test")
+SPLITS = {
+    "jprompt_shapes": ("train", "validation", "test"),
+    "oxford_flowers102": ("train", "validation", "test"),
+    "dtd": ("train", "validation", "test"),
+    "food101": ("train[:90%]", "train[90%:]", "validation"),
+    "sun397": ("train", "validation", "test"),
+    "eurosat": ("train[:60%]", "train[60%:80%]", "train[80%:]"),
+}
+
+# Published checkpoints (vit_jax "How to train your ViT" ImageNet-21k runs, the ones its
+# authors recommend for transfer). Point ``backbone.checkpoint`` at a local copy when offline.
+AUGREG = "gs://vit_models/augreg/"
+CHECKPOINTS = {
+    "vit_ti16": AUGREG + "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "vit_s16": AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "vit_s32": AUGREG + "S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0.npz",
+    "vit_b16": AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+    "vit_b32": AUGREG + "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0.npz",
+    "vit_l16": AUGREG + "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz",
+}
+
+# The offline demo: a tiny ViT on the procedural dataset that ships with the package.
+DEMO_BACKBONE = "vit_tiny4"
+DEMO_IMAGE_SIZE = 32
+DEMO_DATASET = "jprompt_shapes/shapes"
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+    """Parse ``"key=value,flag"`` against ``defaults``, converting values to the default's type.
+
+    A bare ``flag`` sets a boolean default to True. Unknown keys fail listing the valid ones.
+    """
+    args = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, has_value, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r}; valid args: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            args[key] = _parse_bool(key, value) if has_value else True
+        elif not has_value:
+            raise ValueError(f"config arg {key!r} needs a value: {key}=...")
+        else:
+            args[key] = type(default)(value) if default is not None else value
+    return ConfigDict(args)
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise ValueError(f"config arg {key!r} expects true/false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplits:
+    name: str
+    train: str
+    validation: str
+    test: str
+
+
+def dataset_splits(name: str) -> DatasetSplits:
+    """Train/validation/test split strings for a tfds dataset name (``builder[/config]``)."""
+    train, validation, test = SPLITS.get(name.split("/")[0].split(":")[0], DEFAULT_SPLITS)
+    return DatasetSplits(name, train, validation, test)
+
+
+def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
+    """Fields every run has; each config file fills in its method and recipe."""
+    config = ConfigDict()
+    config.seed = 0
+
+    splits = dataset_splits(dataset)
+    config.dataset = ConfigDict(
+        dict(
+            name=splits.name,
+            data_dir="",  # "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+            train_split=splits.train,
+            val_split=splits.validation,
+            test_split=splits.test,
+        )
+    )
+    config.input = ConfigDict(
+        dict(
+            image_size=DEMO_IMAGE_SIZE if demo else 224,
+            train_crop="resize",  # resize | random_resized_crop | resize_random_crop
+            eval_crop="resize",  # resize | resize_center_crop
+            flip=False,
+            shuffle_buffer=10_000,
+        )
+    )
+    config.backbone = ConfigDict(
+        dict(
+            name=backbone,
+            checkpoint="" if demo else CHECKPOINTS.get(backbone, ""),
+            pool="tok",
+            dropout_rate=0.0,
+            representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
+        )
+    )
+    config.method = ConfigDict()
+    config.optim = ConfigDict(
+        dict(
+            name="sgd",  # sgd | adamw
+            lr=0.1,
+            lr_by_path=(),  # ((regex, lr), ...) over "/"-joined trainable parameter paths
+            momentum=0.9,
+            nesterov=False,
+            b1=0.9,
+            b2=0.999,
+            weight_decay=0.0,
+            grad_clip_norm=0.0,
+            schedule="cosine",  # cosine | constant
+            warmup_steps=0,
+            warmup_epochs=0.0,  # added to warmup_steps
+            end_lr_factor=0.0,
+            schedule_unit="step",  # step | epoch (the schedule advances once per epoch)
+        )
+    )
+    config.batch_size = 128 if demo else 256
+    config.eval_batch_size = 256
+    config.num_epochs = 10
+    config.log_every_steps = 20 if demo else 100
+    return config
+
+
+def lock(config: ConfigDict) -> ConfigDict:
+    """Freeze the set of fields: overriding a field that does not exist fails."""
+    config.lock()
+    return config
+
+
+def to_json(config: ConfigDict) -> str:
+    return config.to_json_best_effort(sort_keys=True)

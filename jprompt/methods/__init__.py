@@ -1,0 +1,28 @@
+"""Methods by name. Each is a frozen dataclass following ``jprompt.methods.base.Method``."""
+
+import dataclasses
+
+from jprompt.methods.base import Method
+from jprompt.methods.finetune import FineTune
+from jprompt.methods.linear import LinearProbe
+from jprompt.methods.vp import VisualPrompt
+
+METHODS: dict[str, type[Method]] = {
+    "linear_probe": LinearProbe,
+    "finetune": FineTune,
+    "vp": VisualPrompt,
+}
+
+
+def build(name: str, *, backbone, num_classes: int, **options) -> Method:
+    """Instantiate method ``name`` with its ``options``; unknown names or options fail clearly."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid choices: {sorted(METHODS)}")
+    cls = METHODS[name]
+    valid = {f.name for f in dataclasses.fields(cls)} - {"backbone", "num_classes"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no option(s) {unknown}; valid options: {sorted(valid)}"
+        )
+    return cls(backbone=backbone, num_classes=num_classes, **options)

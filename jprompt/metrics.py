@@ -1,0 +1,54 @@
+"""Classification metrics as ``clu.metrics`` collections, computed inside jit.
+
+Every metric takes an optional per-example ``mask`` so that padded evaluation batches count
+only their real examples; ``num_examples`` makes that count visible in the results.
+"""
+
+import flax
+import jax.numpy as jnp
+from clu import metrics
+
+
+@flax.struct.dataclass
+class TopFiveAccuracy(metrics.Average):
+    """Fraction of examples whose label is among the five largest logits (all, if fewer)."""
+
+    @classmethod
+    def from_model_output(cls, *, logits, labels, **kwargs):
+        k = min(5, logits.shape[-1])
+        label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+        # Rank = number of classes scoring strictly higher than the label.
+        rank = (logits > label_logit).sum(axis=-1)
+        metric = super().from_model_output(values=(rank < k).astype(jnp.float32), **kwargs)
+        return cls(**vars(metric))
+
+
+@flax.struct.dataclass
+class NumExamples(metrics.Metric):
+    """How many (unmasked) examples were seen."""
+
+    count: jnp.ndarray
+
+    @classmethod
+    def from_model_output(cls, *, labels, mask=None, **_):
+        if mask is None:
+            return cls(count=jnp.asarray(labels.shape[0], jnp.int32))
+        return cls(count=mask.astype(jnp.int32).sum())
+
+    @classmethod
+    def empty(cls):
+        return cls(count=jnp.array(0, jnp.int32))
+
+    def merge(self, other):
+        return type(self)(count=self.count + other.count)
+
+    def compute(self):
+        return self.count
+
+
+@flax.struct.dataclass
+class Classification(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Accuracy
+    top5_accuracy: TopFiveAccuracy
+    num_examples: NumExamples

@@ -1,0 +1,370 @@
+"""Vision Transformer (Flax Linen) with prompt tokens as call arguments.
+
+The parameter tree is exactly the tree of the published vit_jax / AugReg ``.npz`` checkpoints
+after vit_jax's pre-Linen rename, so those files load by name (see ``vit_checkpoint``)::
+
+    embedding/{kernel (P, P, 3, D), bias}
+    cls (1, 1, D)                                   only with pool="tok"
+    Transformer/posembed_input/pos_embedding        (1, 1 + N, D) for "tok", (1, N, D) for "gap"
+    Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
+                                 LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}
+    Transformer/encoder_norm
+    pre_logits/{kernel, bias}                       only with representation_size
+    head/{kernel, bias}                             only with num_classes > 0
+
+Input range: ``images`` are float ``(B, H, W, 3)``. The model applies no normalization itself;
+the published vit_jax and big_vision checkpoints were trained on pixels scaled to [-1, 1]
+(``x / 127.5 - 1``), so feed them images in that range.
+
+Prompts are call arguments, never parameters, so the tree above stays identical to the
+checkpoint (the frozen backbone) and prompt methods keep their own trainable tree:
+
+- ``prompt_tokens`` (B, p, D): inserted AFTER the position embedding was added, so they carry no
+  position embedding. ``prompt_position="after_cls"`` puts them right after the CLS token (at the
+  start with pool="gap"), as VPT does; ``"end"`` appends them after the last patch, as PGN does.
+- ``deep_prompts`` (depth, B, p, D): VPT-deep. ``deep_prompts[0]`` is inserted like
+  ``prompt_tokens``; before each layer i >= 1 the p prompt positions are overwritten with
+  ``deep_prompts[i]``, discarding the previous layer's outputs there.
+"""
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# variant -> (hidden_size, depth, mlp_dim, num_heads); the real ones follow the ViT/AugReg papers.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "ti": (192, 12, 768, 3),
+    "s": (384, 12, 1536, 6),
+    "b": (768, 12, 3072, 12),
+    "l": (1024, 24, 4096, 16),
+    "h": (1280, 32, 5120, 16),
+    "tiny": (64, 2, 128, 2),  # for tests and offline demos only
+}
+REAL_PATCH_SIZES = (8, 14, 16, 32)
+TINY_PATCH_SIZES = (2, 4, 8, 16)
+
+
+def _patch_sizes(variant: str) -> tuple[int, ...]:
+    return TINY_PATCH_SIZES if variant == "tiny" else REAL_PATCH_SIZES
+
+
+NAMES: tuple[str, ...] = tuple(
+    f"vit_{variant}{patch}" for variant in VARIANTS for patch in _patch_sizes(variant)
+)
+
+POOLS = ("tok", "gap")
+PROMPT_POSITIONS = ("after_cls", "end")
+LAYERNORM_EPS = 1e-6
+
+
+def parse_name(name: str) -> tuple[str, int]:
+    """``"vit_b16"`` -> ``("b", 16)``; ValueError for names outside ``NAMES``."""
+    match = re.fullmatch(r"vit_([a-z]+)(\d+)", name)
+    if match and match[1] in VARIANTS and int(match[2]) in _patch_sizes(match[1]):
+        return match[1], int(match[2])
+    raise ValueError(
+        f"unknown ViT backbone {name!r}; expected vit_<variant><patch> with variant in "
+        f"{list(VARIANTS)} and patch in {list(REAL_PATCH_SIZES)} "
+        f"(patch in {list(TINY_PATCH_SIZES)} for 'tiny')"
+    )
+
+
+def create(name: str, *, num_classes: int = 0, **overrides: Any) -> "VisionTransformer":
+    """The ViT named ``vit_{variant}{patch}``; ``overrides`` replace any module field."""
+    variant, patch = parse_name(name)
+    hidden, depth, mlp, heads = VARIANTS[variant]
+    fields = dict(
+        num_classes=num_classes,
+        patch_size=patch,
+        hidden_size=hidden,
+        depth=depth,
+        mlp_dim=mlp,
+        num_heads=heads,
+    )
+    return VisionTransformer(**{**fields, **overrides})
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> Dropout -> Dense -> Dropout, initialised as in vit_jax."""
+
+    mlp_dim: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        inits = dict(
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0", **inits)(x)
+        x = nn.gelu(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = nn.Dense(width, dtype=self.dtype, name="Dense_1", **inits)(x)
+        return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Self-attention with the parameter layout of ``flax.linen.MultiHeadDotProductAttention``.
+
+    ``query/key/value`` kernels are (D, H, D/H) and ``out`` is (H, D/H, D), as in the published
+    checkpoints. Without attention dropout it runs ``jax.nn.dot_product_attention`` (which can
+    use a fused kernel); with dropout during training it computes the weights explicitly so they
+    can be dropped.
+    """
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"hidden size {width} is not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+        dense = dict(
+            features=(self.num_heads, head_dim),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+        )
+        q = nn.DenseGeneral(name="query", **dense)(x)  # (B, T, H, D/H)
+        k = nn.DenseGeneral(name="key", **dense)(x)
+        v = nn.DenseGeneral(name="value", **dense)(x)
+
+        if deterministic or self.dropout_rate == 0.0:
+            y = jax.nn.dot_product_attention(q, k, v)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+            y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+        return nn.DenseGeneral(
+            features=width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="out",
+        )(y)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
+        y = MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dropout_rate=self.attention_dropout_rate,
+            dtype=self.dtype,
+            name="MultiHeadDotProductAttention_0",
+        )(y, deterministic=deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        x = x + y
+
+        y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="LayerNorm_1")(x)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name="MlpBlock_0",
+        )(y, deterministic=deterministic)
+        return x + y
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds a learned (1, T, D) position embedding, BERT-initialised with std 0.02."""
+
+    @nn.compact
+    def __call__(self, x):
+        posemb = self.param(
+            "pos_embedding", nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]), jnp.float32
+        )
+        return x + posemb.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    """Position embedding, prompt insertion, the blocks and the final LayerNorm.
+
+    ``prompt_start`` is the sequence index where the p prompt tokens go (after the position
+    embedding was added); ``deep_prompts`` overwrite those positions before every layer i >= 1.
+    """
+
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, prompts, deep_prompts, prompt_start: int, train: bool):
+        x = AddPositionEmbs(name="posembed_input")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+        if deep_prompts is not None:
+            prompts = deep_prompts[0]
+        if prompts is not None:
+            x = _insert(x, prompts.astype(x.dtype), prompt_start)
+
+        for i in range(self.depth):
+            if deep_prompts is not None and i > 0:
+                x = _overwrite(x, deep_prompts[i].astype(x.dtype), prompt_start)
+            x = Encoder1DBlock(
+                mlp_dim=self.mlp_dim,
+                num_heads=self.num_heads,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                dtype=self.dtype,
+                name=f"encoderblock_{i}",
+            )(x, deterministic=not train)
+        return nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="encoder_norm")(x)
+
+
+def _insert(x, prompts, start: int):
+    return jnp.concatenate([x[:, :start], prompts, x[:, start:]], axis=1)
+
+
+def _overwrite(x, prompts, start: int):
+    return jnp.concatenate([x[:, :start], prompts, x[:, start + prompts.shape[1] :]], axis=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier, ``apply`` returning ``(logits, out)``.
+
+    ``out["pre_logits"]`` is the pooled, ``encoder_norm``-ed feature the head sees (after the
+    optional ``pre_logits`` Dense + tanh), ``out["encoded"]`` the full (B, seq, D) sequence after
+    ``encoder_norm``, prompts included. With ``num_classes=0`` there is no head and the logits
+    are ``out["pre_logits"]``. Inputs: float (B, H, W, 3), pixels in [-1, 1] for the published
+    checkpoints; no normalization is applied here. ``dtype`` is the compute dtype; parameters
+    are always float32.
+    """
+
+    num_classes: int
+    patch_size: int
+    hidden_size: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    pool: str = "tok"
+    representation_size: int | None = None
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    head_bias_init: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        images,
+        prompt_tokens=None,
+        deep_prompts=None,
+        prompt_position: str = "after_cls",
+        train: bool = False,
+    ):
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; valid choices: {POOLS}")
+        if prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(
+                f"unknown prompt_position {prompt_position!r}; valid choices: {PROMPT_POSITIONS}"
+            )
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected images of shape (B, H, W, 3), got {images.shape}")
+        batch = images.shape[0]
+        self._check_prompts(prompt_tokens, deep_prompts, batch)
+
+        x = nn.Conv(
+            self.hidden_size,
+            kernel_size=(self.patch_size, self.patch_size),
+            strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            name="embedding",
+        )(images.astype(self.dtype))
+        x = x.reshape(batch, -1, self.hidden_size)
+        num_patches = x.shape[1]
+
+        num_cls = 0
+        if self.pool == "tok":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size), jnp.float32)
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+            num_cls = 1
+        prompt_start = num_cls if prompt_position == "after_cls" else num_cls + num_patches
+
+        encoded = Encoder(
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            dtype=self.dtype,
+            name="Transformer",
+        )(
+            x,
+            prompts=prompt_tokens,
+            deep_prompts=deep_prompts,
+            prompt_start=prompt_start,
+            train=train,
+        )
+
+        if self.pool == "tok":
+            pooled = encoded[:, 0]
+        else:  # mean over the patch tokens only: prompts are not part of the image
+            num_prompts = encoded.shape[1] - num_patches
+            patches = jnp.concatenate(
+                [encoded[:, :prompt_start], encoded[:, prompt_start + num_prompts :]], axis=1
+            )
+            pooled = patches.mean(axis=1)
+
+        if self.representation_size is not None:
+            pooled = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(pooled)
+            pooled = jnp.tanh(pooled)
+        out = {"pre_logits": pooled, "encoded": encoded}
+
+        if not self.num_classes:
+            return pooled, out
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.zeros,
+            bias_init=nn.initializers.constant(self.head_bias_init),
+            name="head",
+        )(pooled)
+        return logits, out
+
+    def _check_prompts(self, prompt_tokens, deep_prompts, batch: int):
+        if prompt_tokens is not None and deep_prompts is not None:
+            raise ValueError("pass either prompt_tokens or deep_prompts, not both")
+        if prompt_tokens is not None:
+            _check_shape(
+                "prompt_tokens", prompt_tokens.shape, (batch, None, self.hidden_size), "(B, p, D)"
+            )
+        if deep_prompts is not None:
+            _check_shape(
+                "deep_prompts",
+                deep_prompts.shape,
+                (self.depth, batch, None, self.hidden_size),
+                "(depth, B, p, D)",
+            )
+
+
+def _check_shape(name: str, got: tuple, expected: tuple, layout: str):
+    """ValueError unless ``got`` matches ``expected`` (``None`` = any size)."""
+    fits = len(got) == len(expected) and all(
+        e is None or e == g for g, e in zip(got, expected, strict=True)
+    )
+    if not fits:
+        shown = tuple("p" if e is None else e for e in expected)
+        raise ValueError(f"{name}: expected shape {layout} = {shown}, got {tuple(got)}")

@@ -1,0 +1,348 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Data-parallel over every device: batches are global arrays sharded over the mesh's ``data``
+axis, the trainable state and the frozen backbone are replicated, and one jitted step updates
+only the method's trainable tree. Progress, metrics (TensorBoard + log lines) and orbax
+checkpoints go to ``workdir``; running again with the same ``workdir`` resumes from the newest
+checkpoint, and because data order, randomness and the schedule are functions of the step, a
+resumed run ends exactly where an uninterrupted one would.
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from ml_collections import ConfigDict
+
+from jprompt import checkpoint, config_lib, methods, optim, sharding
+from jprompt.data import pipeline
+from jprompt.data.preprocess import PreprocessSpec
+from jprompt.evaluate import evaluate, make_eval_step
+from jprompt.methods.base import Method
+from jprompt.metrics import Classification
+from jprompt.models import backbones
+
+RESULTS_FILE = "results.json"
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation) -> Callable:
+    """``(state, frozen, batch, rng) -> (state, metrics)``; gradients only for trained params."""
+
+    def train_step(state, frozen, batch, rng):
+        rng = jax.random.fold_in(rng, state["step"])
+        trained = state["trained"]
+
+        def loss_fn(params):
+            logits, aux = method.apply(
+                {**trained, "params": params}, frozen, batch["image"], rng=rng, train=True
+            )
+            logits = logits.astype(jnp.float32)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+            return losses.mean(), (logits, aux)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits, aux)), grads = grad_fn(trained["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], trained["params"])
+        new_trained = {
+            **trained,
+            **aux.get("mutable", {}),
+            "params": optax.apply_updates(trained["params"], updates),
+        }
+        metrics = Classification.single_from_model_output(
+            loss=loss, logits=logits, labels=batch["label"]
+        )
+        new_state = {"step": state["step"] + 1, "trained": new_trained, "opt_state": opt_state}
+        return new_state, metrics
+
+    return train_step
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run is made of, before any training step: built by ``create_experiment``.
+
+    Colab users and tests drive ``train_step``/``eval_step`` directly from here.
+    """
+
+    config: ConfigDict
+    mesh: jax.sharding.Mesh
+    method: Method
+    frozen: dict
+    state: dict
+    schedules: dict[str, Callable]
+    spec: PreprocessSpec
+    steps_per_epoch: int
+    total_steps: int
+    train_rng: jax.Array
+    eval_rng: jax.Array
+    train_step: Callable
+    eval_step: Callable
+
+    def train_batches(self, start_step: int = 0):
+        """Host-local training batches, resuming the data order at ``start_step``."""
+        data = self.config.dataset
+        return pipeline.train_iterator(
+            data.name,
+            data.train_split,
+            global_batch_size=self.config.batch_size,
+            spec=self.spec,
+            seed=self.config.seed,
+            start_step=start_step,
+            data_dir=data.data_dir or None,
+            shuffle_buffer=self.config.input.shuffle_buffer,
+        )
+
+    def eval_batches(self, split: str):
+        return pipeline.eval_iterator(
+            self.config.dataset.name,
+            split,
+            global_batch_size=self.config.eval_batch_size,
+            spec=self.spec,
+            data_dir=self.config.dataset.data_dir or None,
+        )
+
+    def evaluate(self, trained, split: str) -> dict[str, float]:
+        return evaluate(
+            self.eval_step,
+            trained,
+            self.frozen,
+            self.eval_batches(split),
+            mesh=self.mesh,
+            rng=self.eval_rng,
+        )
+
+
+def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | None = None):
+    """Build backbone, method, optimizer and jitted steps from ``config`` (no training yet)."""
+    mesh = sharding.make_mesh(devices)
+    for name, size in (
+        ("batch_size", config.batch_size),
+        ("eval_batch_size", config.eval_batch_size),
+    ):
+        if size % mesh.devices.size:
+            raise ValueError(
+                f"config.{name}={size} is not divisible by the {mesh.devices.size} devices; "
+                "choose a multiple of the device count"
+            )
+    data_dir = config.dataset.data_dir or None
+    train_info = pipeline.dataset_info(
+        config.dataset.name, config.dataset.train_split, data_dir=data_dir
+    )
+    steps_per_epoch = train_info.num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch size {config.batch_size} is larger than the {train_info.num_examples} "
+            f"examples of {config.dataset.name}:{config.dataset.train_split}"
+        )
+    total_steps = steps_per_epoch * config.num_epochs
+
+    root = jax.random.PRNGKey(config.seed)
+    backbone_rng, init_rng, train_rng, eval_rng = jax.random.split(root, 4)
+    backbone, backbone_params = backbones.build(
+        config.backbone, image_size=config.input.image_size, rng=backbone_rng
+    )
+    method_options = {k: v for k, v in config.method.items() if k != "name"}
+    method = methods.build(
+        config.method.name,
+        backbone=backbone,
+        num_classes=train_info.num_classes,
+        **method_options,
+    )
+    trained, frozen = method.init(init_rng, backbone_params)
+    tx, schedules = optim.build(
+        config.optim, trained["params"], total_steps=total_steps, steps_per_epoch=steps_per_epoch
+    )
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trained": trained,
+        "opt_state": tx.init(trained["params"]),
+    }
+    replicated = sharding.replicated(mesh)
+    spec = PreprocessSpec(
+        image_size=config.input.image_size,
+        train_crop=config.input.train_crop,
+        eval_crop=config.input.eval_crop,
+        flip=config.input.flip,
+        normalization=backbone.normalization,
+    )
+    return Experiment(
+        config=config,
+        mesh=mesh,
+        method=method,
+        frozen=jax.device_put(frozen, replicated),
+        state=jax.device_put(state, replicated),
+        schedules=schedules,
+        spec=spec,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        train_rng=train_rng,
+        eval_rng=eval_rng,
+        # The state is donated: its buffers are reused for the next state, halving its memory.
+        train_step=jax.jit(
+            make_train_step(method, tx),
+            donate_argnums=(0,),
+            out_shardings=(replicated, replicated),
+        ),
+        eval_step=jax.jit(make_eval_step(method), out_shardings=replicated),
+    )
+
+
+def ensure_writable(workdir: str | epath.Path) -> epath.Path:
+    """Create ``workdir`` and prove it can be written, before any expensive work starts."""
+    workdir = epath.Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"work directory {workdir} is not writable: {error}") from error
+    return workdir
+
+
+def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    diffs = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _check_finite(values: dict[str, float], step: int, checkpoints: checkpoint.Checkpoints):
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"training loss became {values['loss']} at step {step}; training stopped. The last "
+            f"good checkpoint (step {checkpoints.latest_step()}) is kept. Lower optim.lr or set "
+            "optim.grad_clip_norm, then rerun with the same workdir to resume from it."
+        )
+
+
+def train_and_evaluate(
+    config: ConfigDict,
+    workdir: str,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    max_steps: int | None = None,
+) -> dict:
+    """Train (or resume) the run described by ``config`` in ``workdir``; return its results.
+
+    Validation runs after every epoch and the best-validation state is kept; at the end the test
+    split is evaluated with that state and everything is written to ``workdir/results.json``.
+    ``max_steps`` stops this call after that many steps (with a checkpoint), for preemptible
+    jobs; the next call resumes. ``devices`` restricts the mesh (default: all devices).
+    """
+    workdir = ensure_writable(workdir)
+    is_main = jax.process_index() == 0
+    experiment = create_experiment(config, devices=devices)
+    config_json = config_lib.to_json(config)
+    checkpoints = checkpoint.Checkpoints(workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    try:
+        return _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_main)
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+
+
+def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_main) -> dict:
+    config = experiment.config
+    replicated = sharding.replicated(experiment.mesh)
+    state = experiment.state
+    results_path = workdir / RESULTS_FILE
+
+    if checkpoints.latest_step() is not None:
+        saved = checkpoints.saved_config()
+        diffs = _config_differences(saved or {}, json.loads(config_json))
+        if diffs:
+            logging.warning("Resuming with a config that differs from the saved one: %s", diffs)
+        state = checkpoints.restore_latest(checkpoint.abstract_like(state, replicated))
+        logging.info("Resumed from the checkpoint at step %d", int(state["step"]))
+    start_step = int(state["step"])
+    total = experiment.total_steps
+    if start_step >= total and results_path.exists():
+        logging.info("Training already complete; results in %s", results_path)
+        return json.loads(results_path.read_text())
+    end_step = total if max_steps is None else min(total, start_step + max_steps)
+
+    best = checkpoints.best_metrics()
+    best_accuracy = best[1]["accuracy"] if best else -1.0
+    logging.info(
+        "Training %s on %s with %s: steps %d..%d of %d (%d per epoch), %d devices",
+        config.method.name,
+        config.dataset.name,
+        config.backbone.name,
+        start_step,
+        end_step,
+        total,
+        experiment.steps_per_epoch,
+        experiment.mesh.devices.size,
+    )
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+    batches = experiment.train_batches(start_step) if start_step < end_step else iter(())
+    train_metrics = None
+    step = start_step
+    for step in range(start_step + 1, end_step + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = sharding.to_global_batch(next(batches), experiment.mesh)
+            state, update = experiment.train_step(
+                state, experiment.frozen, batch, experiment.train_rng
+            )
+        train_metrics = update if train_metrics is None else train_metrics.merge(update)
+        report(step)
+        epoch_end = step % experiment.steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or epoch_end or step == end_step:
+            values = {k: float(v) for k, v in train_metrics.compute().items()}
+            _check_finite(values, step, checkpoints)
+            lrs = {f"lr_{g}": float(s(step)) for g, s in experiment.schedules.items()}
+            writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs)
+            train_metrics = None
+        if epoch_end:
+            val = experiment.evaluate(state["trained"], config.dataset.val_split)
+            writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
+            if val["accuracy"] > best_accuracy:
+                best_accuracy = val["accuracy"]
+                checkpoints.save_best(step, state["trained"], config_json, val)
+            checkpoints.save_latest(step, state, config_json)
+    writer.flush()
+    if end_step < total:
+        if checkpoints.latest_step() != end_step:
+            checkpoints.save_latest(end_step, state, config_json)
+        logging.info("Stopped after step %d of %d (max_steps); rerun to resume", end_step, total)
+        return {"stopped_at_step": end_step, "total_steps": total}
+
+    checkpoints.wait()
+    best_step, best_val = checkpoints.best_metrics()
+    best_trained = checkpoints.restore_best(checkpoint.abstract_like(state["trained"], replicated))
+    test = experiment.evaluate(best_trained, config.dataset.test_split)
+    results = {
+        "method": config.method.name,
+        "backbone": config.backbone.name,
+        "dataset": config.dataset.name,
+        "total_steps": total,
+        "best_step": best_step,
+        "val": best_val,
+        "test": test,
+        "trainable_params": _count(state["trained"]["params"]),
+        "frozen_params": _count(experiment.frozen),
+    }
+    writer.write_scalars(total, {f"test_{k}": v for k, v in test.items()})
+    if is_main:
+        results_path.write_text(json.dumps(results, indent=2))
+    logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
+    return results
+
+
+def _count(tree) -> int:
+    return sum(x.size for x in jax.tree.leaves(tree))

@@ -1,0 +1,115 @@
+"""Config files build for each documented arg; bad names and typos fail clearly."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jprompt import config_lib, methods, optim
+from jprompt.methods.heads import HEAD_INITS
+from jprompt.models import backbones
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Every arg each config file documents in its docstring.
+DOCUMENTED_ARGS = {
+    "vp.py": [
+        "",
+        "demo",
+        "backbone=vit_s16",
+        "dataset=cifar10",
+        "prompt_size=20",
+        "demo,prompt_size=6",
+    ],
+    "linear_probe.py": ["", "demo", "backbone=vit_s16", "dataset=cifar10"],
+    "finetune.py": ["", "demo", "backbone=vit_ti16", "dataset=cifar10"],
+}
+
+
+def load_config_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_config_file_is_covered():
+    assert sorted(p.name for p in (ROOT / "configs").glob("*.py")) == sorted(DOCUMENTED_ARGS)
+
+
+@pytest.mark.parametrize("file,arg", [(f, a) for f, args in DOCUMENTED_ARGS.items() for a in args])
+def test_config_builds_method_and_optimizer(file, arg):
+    config = load_config_module(file).get_config(arg)
+    module_config = config.backbone
+    assert module_config.name in backbones.NAMES
+    assert config.method.name in methods.METHODS
+    assert config.method.get("head_init", "zeros") in HEAD_INITS
+    if "demo" in arg:
+        assert config.dataset.name.startswith("jprompt_shapes/")
+        assert config.backbone.checkpoint == ""
+    else:
+        assert config.backbone.checkpoint.startswith("gs://vit_models/augreg/")
+    # Build the real method on the real backbone module, abstractly (no weights allocated).
+    backbone = backbones.Backbone(
+        module_config.name,
+        backbones.vit.create(module_config.name, num_classes=0, pool=module_config.pool),
+        config.input.image_size,
+        backbones.VIT_NORMALIZATION,
+    )
+    options = {k: v for k, v in config.method.items() if k != "name"}
+    method = methods.build(config.method.name, backbone=backbone, num_classes=10, **options)
+    size = config.input.image_size
+    backbone_params = jax.eval_shape(
+        backbone.module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))
+    )["params"]
+    trained, _ = jax.eval_shape(method.init, jax.random.PRNGKey(0), backbone_params)
+    tx, _ = optim.build(config.optim, trained["params"], total_steps=100, steps_per_epoch=10)
+    jax.eval_shape(tx.init, trained["params"])
+
+
+def test_configs_are_locked():
+    config = load_config_module("vp.py").get_config("demo")
+    with pytest.raises(AttributeError):
+        config.optim.lrr = 0.1
+
+
+def test_parse_arg_types_and_errors():
+    args = config_lib.parse_arg(
+        "backbone=vit_s16,demo,prompt_size=12", backbone="x", demo=False, prompt_size=30
+    )
+    assert args.backbone == "vit_s16" and args.demo is True and args.prompt_size == 12
+    with pytest.raises(ValueError, match=r"unknown config arg 'backbon'; valid args: \['backbone'"):
+        config_lib.parse_arg("backbon=vit_s16", backbone="x")
+    with pytest.raises(ValueError, match="expects true/false"):
+        config_lib.parse_arg("demo=maybe", demo=False)
+
+
+def test_unknown_method_and_option_fail_listing_choices():
+    with pytest.raises(ValueError, match=r"unknown method 'vtp'; valid choices: \["):
+        methods.build("vtp", backbone=None, num_classes=10)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['prompt_sise'\]; valid options: "):
+        methods.build("vp", backbone=None, num_classes=10, prompt_sise=3)
+
+
+def test_cli_rejects_override_typo_before_any_work(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jprompt.main",
+            "--config=configs/vp.py:demo",
+            "--config.optim.lrr=0.5",
+            f"--workdir={tmp_path / 'w'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "lrr" in result.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,100 @@
+"""Methods' parameters and forward passes: counts from the papers' code, prompt placement."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jprompt import methods
+from jprompt.methods import heads, vp
+from jprompt.models import backbones, vit
+
+
+def make_backbone(name="vit_tiny4", image_size=32):
+    module = vit.create(name, num_classes=0)
+    return backbones.Backbone(name, module, image_size, backbones.VIT_NORMALIZATION)
+
+
+def abstract_backbone_params(backbone):
+    size = backbone.image_size
+    return jax.eval_shape(
+        backbone.module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))
+    )["params"]
+
+
+def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_vp_padding_prompt_has_69840_parameters_at_224_and_30():
+    # The count of the official VP code's PadPrompter(image_size=224, prompt_size=30).
+    method = methods.build("vp", backbone=make_backbone("vit_b16", 224), num_classes=100)
+    backbone_params = abstract_backbone_params(method.backbone)
+    trained, frozen = jax.eval_shape(method.init, jax.random.PRNGKey(0), backbone_params)
+    assert count(trained["params"]["prompter"]) == 69_840
+    assert count(trained["params"]["head"]) == 768 * 100 + 100
+    assert jax.tree.structure(frozen["backbone"]) == jax.tree.structure(backbone_params)
+
+
+def test_padding_prompt_fills_only_the_border():
+    params = vp.init_padding(jax.random.PRNGKey(0), image_size=32, prompt_size=4)
+    frame = np.asarray(vp.padding_prompt(params))
+    assert frame.shape == (32, 32, 3)
+    np.testing.assert_array_equal(frame[4:28, 4:28], 0.0)
+    np.testing.assert_array_equal(frame[:4], params["pad_up"])
+    np.testing.assert_array_equal(frame[28:], params["pad_down"])
+    np.testing.assert_array_equal(frame[4:28, :4], params["pad_left"])
+    np.testing.assert_array_equal(frame[4:28, 28:], params["pad_right"])
+    # N(0, 1) init.
+    values = np.concatenate([np.ravel(v) for v in params.values()])
+    assert abs(values.mean()) < 0.1 and abs(values.std() - 1) < 0.1
+
+
+def test_padding_prompt_that_does_not_fit_fails():
+    with pytest.raises(ValueError, match="prompt_size 16 does not fit a 32px image"):
+        vp.init_padding(jax.random.PRNGKey(0), image_size=32, prompt_size=16)
+
+
+def test_vp_adds_the_prompt_in_normalized_space_before_the_backbone():
+    method = methods.build(
+        "vp", backbone=make_backbone(), num_classes=5, prompt_size=4, head_init="vpt"
+    )
+    backbone_params = method.backbone.module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))[
+        "params"
+    ]
+    trained, frozen = method.init(jax.random.PRNGKey(2), backbone_params)
+    images = jax.random.uniform(jax.random.PRNGKey(3), (2, 32, 32, 3), minval=-1, maxval=1)
+    logits, _ = method.apply(trained, frozen, images, rng=None, train=True)
+    prompted = images + vp.padding_prompt(trained["params"]["prompter"])
+    features, _ = method.backbone.features(backbone_params, prompted)
+    expected = heads.apply_linear_head(trained["params"]["head"], features)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+
+
+def test_linear_probe_gradient_reaches_only_the_head():
+    method = methods.build("linear_probe", backbone=make_backbone(), num_classes=5)
+    backbone_params = method.backbone.module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))[
+        "params"
+    ]
+    trained, frozen = method.init(jax.random.PRNGKey(2), backbone_params)
+    assert set(trained["params"]) == {"head"}
+    images = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
+
+    def loss(params):
+        logits, _ = method.apply({"params": params}, frozen, images, rng=None, train=True)
+        return jnp.sum(logits[:, 0])
+
+    grads = jax.grad(loss)(trained["params"])
+    features, _ = method.backbone.features(backbone_params, images)
+    # d(sum of logit 0)/d(kernel[:, 0]) = sum of features; other columns get nothing.
+    np.testing.assert_allclose(grads["head"]["kernel"][:, 0], features.sum(0), rtol=1e-5)
+    np.testing.assert_array_equal(grads["head"]["kernel"][:, 1:], 0.0)
+
+
+def test_vpt_head_init_matches_the_official_code():
+    params = heads.init_linear_head(jax.random.PRNGKey(0), 768, 100, "vpt")
+    np.testing.assert_allclose(params["bias"], -np.log(99.0), rtol=1e-6)
+    # He-normal with fan_out = num_classes.
+    assert float(params["kernel"].std()) == pytest.approx(np.sqrt(2 / 100), rel=0.02)
+    with pytest.raises(ValueError, match=r"valid choices: \('zeros', 'vpt'\)"):
+        heads.init_linear_head(jax.random.PRNGKey(0), 8, 2, "xavier")

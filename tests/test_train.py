@@ -1,0 +1,168 @@
+"""End-to-end training on the offline dataset: results, resume, sharding, frozen backbone."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from jprompt import checkpoint, sharding, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(file, arg="demo"):
+    spec = importlib.util.spec_from_file_location(file, ROOT / "configs" / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture
+def tiny_config(shapes_data_dir):
+    """A demo config shrunk to 4 steps per epoch, 2 epochs, on sliced splits."""
+
+    def make(file="vp.py", **overrides):
+        config = load_config(file)
+        config.dataset.data_dir = str(shapes_data_dir)
+        config.dataset.train_split = "train[:256]"
+        config.dataset.val_split = "validation[:128]"
+        config.dataset.test_split = "test[:100]"  # not a multiple of the batch: padding
+        config.batch_size = 64
+        config.eval_batch_size = 64
+        config.num_epochs = 2
+        config.log_every_steps = 2
+        config.optim.warmup_steps = 2
+        config.update_from_flattened_dict(overrides)
+        return config
+
+    return make
+
+
+def to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def latest_trained(workdir, experiment):
+    abstract = checkpoint.abstract_like(experiment.state, sharding.replicated(experiment.mesh))
+    checkpoints = checkpoint.Checkpoints(workdir)
+    try:
+        return to_numpy(checkpoints.restore_latest(abstract)["trained"])
+    finally:
+        checkpoints.close()
+
+
+def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path):
+    config = tiny_config()
+    results = train.train_and_evaluate(config, str(tmp_path))
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == results
+    assert results["total_steps"] == 8
+    assert results["test"]["num_examples"] == 100  # every test example exactly once
+    assert results["val"]["num_examples"] == 128
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0
+    assert results["best_step"] in (4, 8)
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+    assert [p.name for p in (tmp_path / "best").iterdir()] == [str(results["best_step"])]
+
+    # A second run with the same workdir resumes: nothing is retrained or rewritten.
+    stamp = (tmp_path / "results.json").stat().st_mtime_ns
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again == results
+    assert (tmp_path / "results.json").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
+    config = tiny_config()
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    # Stop mid-epoch, then again after the first epoch's checkpoint, then finish.
+    parts = tmp_path / "parts"
+    assert train.train_and_evaluate(config, str(parts), max_steps=3)["stopped_at_step"] == 3
+    assert train.train_and_evaluate(config, str(parts), max_steps=2)["stopped_at_step"] == 5
+    resumed = train.train_and_evaluate(config, str(parts))
+
+    experiment = train.create_experiment(config)
+    expected = latest_trained(tmp_path / "whole", experiment)
+    got = latest_trained(parts, experiment)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert resumed["test"] == whole["test"]
+
+
+def run_steps(experiment, num_steps):
+    """Train ``num_steps`` steps by hand; return per-step losses, final trained params."""
+    state, losses = experiment.state, []
+    batches = experiment.train_batches()
+    for _ in range(num_steps):
+        batch = sharding.to_global_batch(next(batches), experiment.mesh)
+        state, metrics = experiment.train_step(
+            state, experiment.frozen, batch, experiment.train_rng
+        )
+        losses.append(float(metrics.compute()["loss"]))
+    return losses, to_numpy(state["trained"])
+
+
+@pytest.mark.parametrize("file", ["vp.py", "finetune.py"])
+def test_eight_devices_match_one_device(tiny_config, file):
+    config = tiny_config(file)
+    assert jax.device_count() == 8
+    sharded = train.create_experiment(config)
+    single = train.create_experiment(config, devices=jax.devices()[:1])
+    losses_8, params_8 = run_steps(sharded, 4)
+    losses_1, params_1 = run_steps(single, 4)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
+    assert losses_8[-1] != losses_8[0]  # it trained
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_8, params_1
+    )
+
+
+@pytest.mark.parametrize("file", ["vp.py", "linear_probe.py"])
+def test_frozen_backbone_is_bit_identical_after_training(tiny_config, file):
+    experiment = train.create_experiment(tiny_config(file))
+    frozen_before = to_numpy(experiment.frozen)
+    trained_before = to_numpy(experiment.state["trained"])
+    assert "backbone" not in trained_before["params"]
+    _, trained_after = run_steps(experiment, 3)
+    jax.tree.map(np.testing.assert_array_equal, to_numpy(experiment.frozen), frozen_before)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), trained_after, trained_before)
+    assert all(jax.tree.leaves(changed))  # every trainable leaf moved
+
+
+def test_finetune_trains_the_backbone(tiny_config):
+    experiment = train.create_experiment(tiny_config("finetune.py"))
+    assert experiment.frozen == {}
+    before = to_numpy(experiment.state["trained"]["params"]["backbone"])
+    # The zero-initialised head passes no gradient on the first steps (and warmup starts at lr 0).
+    _, after = run_steps(experiment, 4)
+    embedding_moved = not np.array_equal(
+        after["params"]["backbone"]["embedding"]["kernel"], before["embedding"]["kernel"]
+    )
+    assert embedding_moved
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    config = tiny_config()
+    train.train_and_evaluate(config, str(tmp_path), max_steps=4)  # one good epoch
+    config.unlock()
+    config.optim.lr = 1e30
+    config.optim.lr_by_path = (("head/.*", 1e30),)
+    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(step 4\) is kept"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+
+
+def test_unwritable_workdir_fails_before_any_work(tiny_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        train.train_and_evaluate(tiny_config(), str(blocker / "workdir"))
+
+
+def test_batch_not_divisible_by_devices_fails_clearly(tiny_config):
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        train.create_experiment(tiny_config(batch_size=60))

@@ -1,0 +1,521 @@
+"""ViT: the published parameter tree and counts, the forward pass, and prompt semantics.
+
+Big models are only traced with ``jax.eval_shape``; everything that computes uses ``vit_tiny4``
+(D=64, 2 layers, 2 heads) on 16x16 images (a 4x4 grid of patches).
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jprompt.models import vit
+from jprompt.models.vit_checkpoint import count_params, flatten
+
+# From google-research/vision_transformer vit_jax/models_test.py (1000 classes, 224px, no
+# representation layer).
+PUBLISHED_COUNTS = {
+    ("vit_ti16", "tok"): 5_717_416,
+    ("vit_s16", "tok"): 22_050_664,
+    ("vit_s32", "tok"): 22_878_952,
+    ("vit_b8", "tok"): 86_576_872,
+    ("vit_b16", "tok"): 86_567_656,
+    ("vit_b32", "tok"): 88_224_232,
+    ("vit_l16", "tok"): 304_326_632,
+    ("vit_l32", "tok"): 306_535_400,
+    ("vit_h14", "tok"): 632_045_800,
+    ("vit_s16", "gap"): 22_049_896,
+    ("vit_s32", "gap"): 22_878_184,
+    ("vit_b16", "gap"): 86_566_120,
+    ("vit_b32", "gap"): 88_222_696,
+}
+# vit_jax's "testing" model: patch 16, hidden 10, 1 layer, mlp 10, 2 heads, 1000 classes.
+TESTING_COUNT = 21_390
+
+IMAGE = 16
+PATCH = 4
+NUM_PATCHES = (IMAGE // PATCH) ** 2
+D = 64
+DEPTH = 2
+P = 3  # prompt tokens
+B = 2
+
+
+def _abstract_params(model, image_size=224):
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+
+
+def _shapes(tree):
+    return {path: tuple(leaf.shape) for path, leaf in flatten(tree).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter tree and counts.
+
+
+def test_b16_tree_is_the_published_one():
+    shapes = _shapes(_abstract_params(vit.create("vit_b16", num_classes=1000)))
+    top = {k: v for k, v in shapes.items() if "encoderblock" not in k}
+    assert top == {
+        "Transformer/encoder_norm/bias": (768,),
+        "Transformer/encoder_norm/scale": (768,),
+        "Transformer/posembed_input/pos_embedding": (1, 197, 768),
+        "cls": (1, 1, 768),
+        "embedding/bias": (768,),
+        "embedding/kernel": (16, 16, 3, 768),
+        "head/bias": (1000,),
+        "head/kernel": (768, 1000),
+    }
+    prefix = "Transformer/encoderblock_0/"
+    block = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    assert sorted(block.items()) == [
+        ("LayerNorm_0/bias", (768,)),
+        ("LayerNorm_0/scale", (768,)),
+        ("LayerNorm_1/bias", (768,)),
+        ("LayerNorm_1/scale", (768,)),
+        ("MlpBlock_0/Dense_0/bias", (3072,)),
+        ("MlpBlock_0/Dense_0/kernel", (768, 3072)),
+        ("MlpBlock_0/Dense_1/bias", (768,)),
+        ("MlpBlock_0/Dense_1/kernel", (3072, 768)),
+        ("MultiHeadDotProductAttention_0/key/bias", (12, 64)),
+        ("MultiHeadDotProductAttention_0/key/kernel", (768, 12, 64)),
+        ("MultiHeadDotProductAttention_0/out/bias", (768,)),
+        ("MultiHeadDotProductAttention_0/out/kernel", (12, 64, 768)),
+        ("MultiHeadDotProductAttention_0/query/bias", (12, 64)),
+        ("MultiHeadDotProductAttention_0/query/kernel", (768, 12, 64)),
+        ("MultiHeadDotProductAttention_0/value/bias", (12, 64)),
+        ("MultiHeadDotProductAttention_0/value/kernel", (768, 12, 64)),
+    ]
+    blocks = {k.split("/")[1] for k in shapes if "encoderblock" in k}
+    assert blocks == {f"encoderblock_{i}" for i in range(12)}
+    assert count_params(_abstract_params(vit.create("vit_b16", num_classes=1000))) == 86_567_656
+
+
+@pytest.mark.parametrize(("name", "pool"), sorted(PUBLISHED_COUNTS))
+def test_published_parameter_counts(name, pool):
+    model = vit.create(name, num_classes=1000, pool=pool)
+    assert count_params(_abstract_params(model)) == PUBLISHED_COUNTS[(name, pool)]
+
+
+def test_vit_jax_testing_model_count():
+    model = vit.VisionTransformer(
+        num_classes=1000, patch_size=16, hidden_size=10, depth=1, mlp_dim=10, num_heads=2
+    )
+    assert count_params(_abstract_params(model)) == TESTING_COUNT
+
+
+def test_gap_has_no_cls_and_headless_has_no_head_and_pre_logits_adds_a_dense():
+    tok = _shapes(_abstract_params(vit.create("vit_s16", num_classes=10)))
+    gap = _shapes(_abstract_params(vit.create("vit_s16", num_classes=10, pool="gap")))
+    assert "cls" not in gap
+    assert gap["Transformer/posembed_input/pos_embedding"] == (1, 196, 384)
+    assert tok.keys() - gap.keys() == {"cls"}
+    headless = _shapes(_abstract_params(vit.create("vit_s16")))
+    assert tok.keys() - headless.keys() == {"head/kernel", "head/bias"}
+    rep = _shapes(_abstract_params(vit.create("vit_s16", num_classes=10, representation_size=7)))
+    assert rep["pre_logits/kernel"] == (384, 7)
+    assert rep["head/kernel"] == (7, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names.
+
+
+def test_names_and_parse_name():
+    assert vit.parse_name("vit_b16") == ("b", 16)
+    assert vit.parse_name("vit_ti16") == ("ti", 16)
+    assert vit.parse_name("vit_tiny4") == ("tiny", 4)
+    assert vit.parse_name("vit_h14") == ("h", 14)
+    assert len(vit.NAMES) == 5 * 4 + 4
+    assert {"vit_b16", "vit_l14", "vit_s32", "vit_tiny2", "vit_tiny16"} <= set(vit.NAMES)
+    assert "vit_tiny14" not in vit.NAMES and "vit_b4" not in vit.NAMES
+    m = vit.create("vit_l14", num_classes=5, pool="gap")
+    assert (m.hidden_size, m.depth, m.mlp_dim, m.num_heads, m.patch_size) == (
+        1024,
+        24,
+        4096,
+        16,
+        14,
+    )
+    assert (m.num_classes, m.pool) == (5, "gap")
+
+
+@pytest.mark.parametrize("name", ["vit_q16", "vit_b15", "vit_tiny14", "b16", "vit_b", "vit_b16x"])
+def test_unknown_name_lists_valid_choices(name):
+    with pytest.raises(ValueError, match="unknown ViT backbone") as err:
+        vit.create(name)
+    message = str(err.value)
+    assert repr(name) in message
+    assert "['ti', 's', 'b', 'l', 'h', 'tiny']" in message
+    assert "[8, 14, 16, 32]" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny model: init and forward pass against a plain-numpy reimplementation.
+
+
+@pytest.fixture(scope="module")
+def images():
+    return jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (B, IMAGE, IMAGE, 3)), jnp.float32)
+
+
+def _random_params(model, seed, image_size=IMAGE):
+    """Random parameters of ``model``'s exact tree, drawn with numpy.
+
+    Real ``model.init`` costs seconds of XLA compilation on CPU, so only the init test uses it.
+    Unlike the real init, cls and head are non-zero here, so every path matters.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1]
+        if name == "scale":
+            value = 1 + 0.1 * rng.normal(size=leaf.shape)
+        elif name == "kernel":
+            attention_in = path[-2] in ("query", "key", "value")
+            fan_in = leaf.shape[0] if attention_in else math.prod(leaf.shape[:-1])
+            value = rng.normal(size=leaf.shape) / math.sqrt(fan_in)
+        else:  # biases, cls, position embedding
+            value = 0.3 * rng.normal(size=leaf.shape)
+        return jnp.asarray(value, jnp.float32)
+
+    flat = traverse_util.flatten_dict(_abstract_params(model, image_size))
+    return traverse_util.unflatten_dict({path: draw(path, leaf) for path, leaf in flat.items()})
+
+
+def _tiny(pool="tok", num_classes=5, seed=0, **kw):
+    model = vit.create(f"vit_tiny{PATCH}", num_classes=num_classes, pool=pool, **kw)
+    return model, _random_params(model, seed)
+
+
+def _prompts(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def test_init_follows_vit_jax():
+    model = vit.create("vit_tiny4", num_classes=7, head_bias_init=-4.6)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    np.testing.assert_array_equal(params["head"]["kernel"], np.zeros((D, 7)))
+    np.testing.assert_allclose(params["head"]["bias"], np.full((7,), -4.6), rtol=1e-6)
+    np.testing.assert_array_equal(params["cls"], np.zeros((1, 1, D)))
+    posemb = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+    assert posemb.shape == (1, 1 + 16 * 16, D)
+    assert abs(posemb.std() - 0.02) < 0.002 and abs(posemb.mean()) < 0.002
+    block = params["Transformer"]["encoderblock_0"]
+    mlp = block["MlpBlock_0"]["Dense_0"]
+    bound = math.sqrt(6 / (D + 128))  # xavier_uniform, fan_in 64, fan_out 128
+    kernel = np.abs(np.asarray(mlp["kernel"]))
+    assert kernel.max() <= bound and kernel.max() > 0.95 * bound
+    assert 0 < np.abs(np.asarray(mlp["bias"])).max() < 1e-5  # normal(1e-6)
+    query = np.abs(np.asarray(block["MultiHeadDotProductAttention_0"]["query"]["kernel"]))
+    bound = math.sqrt(6 / (D + D))  # fans of the flattened (D, H * D/H) kernel
+    assert query.max() <= bound and query.max() > 0.95 * bound
+    np.testing.assert_array_equal(block["LayerNorm_0"]["scale"], np.ones(D))
+    for leaf in jax.tree.leaves(params):
+        assert leaf.dtype == jnp.float32
+
+
+def _np(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def _layer_norm(x, p):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _gelu(x):  # flax's default, the tanh approximation
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _block(x, p):
+    att = p["MultiHeadDotProductAttention_0"]
+    y = _layer_norm(x, p["LayerNorm_0"])
+    q, k, v = (
+        np.einsum("btd,dhk->bthk", y, att[n]["kernel"]) + att[n]["bias"]
+        for n in ("query", "key", "value")
+    )
+    logits = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    y = np.einsum("bhqs,bshk->bqhk", weights, v)
+    x = x + np.einsum("bqhk,hkd->bqd", y, att["out"]["kernel"]) + att["out"]["bias"]
+    mlp = p["MlpBlock_0"]
+    y = _layer_norm(x, p["LayerNorm_1"])
+    y = _gelu(y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"])
+    return x + y @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
+
+
+def _reference(params, images, pool="tok", prompts=None, deep=None, position="after_cls"):
+    """The ViT written out in numpy, with VPT/PGN prompt insertion as METHODS.md describes."""
+    p = _np(params)
+    images = np.asarray(images, np.float64)
+    n, h, w, _ = images.shape
+    g = PATCH
+    patches = images.reshape(n, h // g, g, w // g, g, 3).transpose(0, 1, 3, 2, 4, 5)
+    kernel = p["embedding"]["kernel"].reshape(g * g * 3, -1)
+    x = patches.reshape(n, -1, g * g * 3) @ kernel + p["embedding"]["bias"]
+    num_cls = 0
+    if pool == "tok":
+        x = np.concatenate([np.tile(p["cls"], (n, 1, 1)), x], axis=1)
+        num_cls = 1
+    x = x + p["Transformer"]["posembed_input"]["pos_embedding"]
+    start = num_cls if position == "after_cls" else x.shape[1]
+    if deep is not None:
+        prompts = deep[0]
+    num_prompts = 0
+    if prompts is not None:
+        prompts = np.asarray(prompts, np.float64)
+        num_prompts = prompts.shape[1]
+        x = np.concatenate([x[:, :start], prompts, x[:, start:]], axis=1)
+    for i in range(DEPTH):
+        if deep is not None and i > 0:
+            x[:, start : start + num_prompts] = np.asarray(deep[i], np.float64)
+        x = _block(x, p["Transformer"][f"encoderblock_{i}"])
+    x = _layer_norm(x, p["Transformer"]["encoder_norm"])
+    if pool == "tok":
+        pooled = x[:, 0]
+    else:
+        pooled = np.delete(x, np.arange(start, start + num_prompts), axis=1).mean(1)
+    return pooled @ p["head"]["kernel"] + p["head"]["bias"], x
+
+
+CASES = {
+    "no_prompts": {},
+    "shallow_after_cls": {"prompts": (P,)},
+    "shallow_end": {"prompts": (P,), "position": "end"},
+    "deep_after_cls": {"deep": (P,)},
+    "deep_end": {"deep": (P,), "position": "end"},
+}
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_numpy_reference(images, pool, case):
+    model, params = _tiny(pool)
+    spec = CASES[case]
+    position = spec.get("position", "after_cls")
+    kwargs, ref_kwargs = {"prompt_position": position}, {"position": position}
+    if "prompts" in spec:
+        kwargs["prompt_tokens"] = ref_kwargs["prompts"] = _prompts(3, (B, P, D))
+    if "deep" in spec:
+        kwargs["deep_prompts"] = ref_kwargs["deep"] = _prompts(4, (DEPTH, B, P, D))
+    logits, out = model.apply({"params": params}, images, **kwargs)
+    ref_logits, ref_encoded = _reference(params, images, pool, **ref_kwargs)
+    num_prompts = P if ("prompts" in spec or "deep" in spec) else 0
+    assert out["encoded"].shape == (B, (pool == "tok") + num_prompts + NUM_PATCHES, D)
+    np.testing.assert_allclose(out["encoded"], ref_encoded, atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-4, rtol=2e-4)
+    assert np.abs(ref_logits).max() > 0.1  # the comparison is not between near-zeros
+
+
+def test_headless_model_returns_pre_logits_with_representation(images):
+    model = vit.create("vit_tiny4", representation_size=12)
+    params = _random_params(model, 0)
+    logits, out = model.apply({"params": params}, images)
+    assert logits.shape == (B, 12)
+    np.testing.assert_array_equal(logits, out["pre_logits"])
+    dense = params["pre_logits"]
+    expected = np.tanh(out["encoded"][:, 0] @ dense["kernel"] + dense["bias"])
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt semantics, checked on the inputs the blocks actually receive.
+
+
+def _block_io(model, params, images, **kwargs):
+    """Runs the model recording each block's input and output: {name: (input, output)}."""
+    seen = {}
+
+    def record(next_fun, args, kw, context):
+        result = next_fun(*args, **kw)
+        if isinstance(context.module, vit.Encoder1DBlock) and context.method_name == "__call__":
+            seen[context.module.name] = (args[0], result)
+        return result
+
+    with nn.intercept_methods(record):
+        logits, out = model.apply({"params": params}, images, **kwargs)
+    return logits, out, seen
+
+
+def _embedded(params, images):
+    """Patch embeddings (B, N, D) computed directly from the conv weights."""
+    x = jax.lax.conv_general_dilated(
+        images,
+        params["embedding"]["kernel"],
+        (PATCH, PATCH),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return (x + params["embedding"]["bias"]).reshape(B, -1, D)
+
+
+@pytest.mark.parametrize("position", ["after_cls", "end"])
+def test_shallow_prompts_carry_no_position_embedding(images, position):
+    model, params = _tiny("tok")
+    prompts = _prompts(3, (B, P, D))
+    _, _, io = _block_io(model, params, images, prompt_tokens=prompts, prompt_position=position)
+    x0 = io["encoderblock_0"][0]
+    posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
+    assert x0.shape == (B, 1 + P + NUM_PATCHES, D)
+    at = slice(1, 1 + P) if position == "after_cls" else slice(1 + NUM_PATCHES, None)
+    patches = slice(1 + P, None) if position == "after_cls" else slice(1, 1 + NUM_PATCHES)
+    np.testing.assert_array_equal(x0[:, at], prompts)  # exactly the prompts, nothing added
+    np.testing.assert_allclose(x0[:, 0], (params["cls"] + posemb[:, 0])[0].repeat(B, 0))
+    np.testing.assert_allclose(
+        x0[:, patches], _embedded(params, images) + posemb[:, 1:], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_prompt_position_only_permutes_the_sequence(images):
+    # Prompts carry no position embedding and attention has no positional bias, so moving them
+    # from after the CLS token to the end permutes the tokens and leaves CLS unchanged.
+    model, params = _tiny("tok")
+    prompts = _prompts(3, (B, P, D))
+    first, out_first = model.apply({"params": params}, images, prompt_tokens=prompts)
+    last, out_last = model.apply(
+        {"params": params}, images, prompt_tokens=prompts, prompt_position="end"
+    )
+    np.testing.assert_allclose(first, last, atol=1e-5)
+    np.testing.assert_allclose(
+        out_first["encoded"][:, 1 : 1 + P], out_last["encoded"][:, 1 + NUM_PATCHES :], atol=1e-5
+    )
+    plain, _ = model.apply({"params": params}, images)
+    assert np.abs(np.asarray(first - plain)).max() > 1e-3  # the prompts do change the output
+
+
+@pytest.mark.parametrize("position", ["after_cls", "end"])
+def test_deep_prompts_overwrite_previous_layer_outputs(images, position):
+    model, params = _tiny("tok")
+    deep = _prompts(4, (DEPTH, B, P, D))
+    logits, _, io = _block_io(model, params, images, deep_prompts=deep, prompt_position=position)
+    at = slice(1, 1 + P) if position == "after_cls" else slice(1 + NUM_PATCHES, None)
+    x0, y0 = io["encoderblock_0"]
+    x1, _ = io["encoderblock_1"]
+    np.testing.assert_array_equal(x0[:, at], deep[0])
+    np.testing.assert_array_equal(x1[:, at], deep[1])  # overwritten, not added
+    rest = np.ones(x1.shape[1], bool)
+    rest[at] = False
+    np.testing.assert_array_equal(x1[:, rest], y0[:, rest])  # everything else carried over
+
+    # Layer 0's outputs at the prompt positions are thrown away: perturbing them changes nothing,
+    # perturbing a patch output does. (Random noise: a constant shift would vanish in LayerNorm.)
+    def perturb(positions):
+        def interceptor(next_fun, args, kw, context):
+            y = next_fun(*args, **kw)
+            if context.module.name == "encoderblock_0" and context.method_name == "__call__":
+                noise = 3.0 * _prompts(9, y[:, positions].shape)
+                y = y.at[:, positions].add(noise)
+            return y
+
+        with nn.intercept_methods(interceptor):
+            return model.apply(
+                {"params": params}, images, deep_prompts=deep, prompt_position=position
+            )[0]
+
+    np.testing.assert_array_equal(perturb(at), logits)
+    patch_index = 1 + P if position == "after_cls" else 1
+    assert np.abs(np.asarray(perturb(patch_index) - logits)).max() > 1e-3
+
+    changed = deep.at[1].set(_prompts(5, (B, P, D)))
+    other = model.apply({"params": params}, images, deep_prompts=changed, prompt_position=position)
+    assert np.abs(np.asarray(other[0] - logits)).max() > 1e-3
+
+
+def test_deep_prompts_equal_manual_loop_over_the_modules_blocks(images):
+    model, params = _tiny("tok")
+    deep = _prompts(4, (DEPTH, B, P, D))
+    logits, out = model.apply({"params": params}, images, deep_prompts=deep)
+    posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
+    cls = jnp.tile(params["cls"], (B, 1, 1))
+    x = jnp.concatenate([cls, _embedded(params, images)], axis=1) + posemb
+    x = jnp.concatenate([x[:, :1], deep[0], x[:, 1:]], axis=1)
+    block = vit.Encoder1DBlock(mlp_dim=model.mlp_dim, num_heads=model.num_heads)
+    for i in range(DEPTH):
+        if i:
+            x = x.at[:, 1 : 1 + P].set(deep[i])
+        p = params["Transformer"][f"encoderblock_{i}"]
+        x = block.apply({"params": p}, x, deterministic=True)
+    norm = nn.LayerNorm(epsilon=1e-6).apply({"params": params["Transformer"]["encoder_norm"]}, x)
+    np.testing.assert_allclose(out["encoded"], norm, atol=1e-5)
+    head = params["head"]
+    np.testing.assert_allclose(logits, norm[:, 0] @ head["kernel"] + head["bias"], atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["after_cls", "end"])
+def test_gap_pool_excludes_prompts(images, position):
+    model, params = _tiny("gap")
+    prompts = _prompts(3, (B, P, D))
+    _, out = model.apply(
+        {"params": params}, images, prompt_tokens=prompts, prompt_position=position
+    )
+    encoded = np.asarray(out["encoded"])
+    assert encoded.shape == (B, P + NUM_PATCHES, D)
+    patches = encoded[:, P:] if position == "after_cls" else encoded[:, :NUM_PATCHES]
+    np.testing.assert_allclose(out["pre_logits"], patches.mean(1), atol=1e-6)
+    assert np.abs(encoded.mean(1) - patches.mean(1)).max() > 1e-3
+
+
+def test_prompt_argument_errors(images):
+    model, params = _tiny("tok")
+    variables = {"params": params}
+    good = jnp.zeros((B, P, D))
+    with pytest.raises(ValueError, match="not both"):
+        model.apply(variables, images, prompt_tokens=good, deep_prompts=good[None].repeat(DEPTH, 0))
+    with pytest.raises(
+        ValueError, match=r"prompt_tokens: expected .*\(2, 'p', 64\), got \(2, 3, 32\)"
+    ):
+        model.apply(variables, images, prompt_tokens=jnp.zeros((B, P, 32)))
+    with pytest.raises(ValueError, match=r"prompt_tokens: expected .* got \(3, 3, 64\)"):
+        model.apply(variables, images, prompt_tokens=jnp.zeros((B + 1, P, D)))
+    with pytest.raises(ValueError, match=r"prompt_tokens: expected .* got \(3, 64\)"):
+        model.apply(variables, images, prompt_tokens=jnp.zeros((P, D)))
+    with pytest.raises(
+        ValueError, match=r"deep_prompts: expected .*\(2, 2, 'p', 64\), got \(3, 2, 3, 64\)"
+    ):
+        model.apply(variables, images, deep_prompts=jnp.zeros((DEPTH + 1, B, P, D)))
+    with pytest.raises(ValueError, match="unknown prompt_position 'middle'"):
+        model.apply(variables, images, prompt_tokens=good, prompt_position="middle")
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype and dropout.
+
+
+def test_bfloat16_compute_keeps_float32_params(images):
+    model, params = _tiny("tok")
+    model16 = model.clone(dtype=jnp.bfloat16)
+    init16 = _abstract_params(model16, IMAGE)
+    assert {leaf.dtype for leaf in jax.tree.leaves(init16)} == {jnp.dtype(jnp.float32)}
+    logits32, _ = model.apply({"params": params}, images)
+    logits16, out16 = model16.apply({"params": params}, images)
+    assert out16["encoded"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(logits16, np.float32), logits32, atol=0.1, rtol=0.05)
+
+
+def test_dropout_only_in_training(images):
+    model, params = _tiny("tok", dropout_rate=0.3, attention_dropout_rate=0.3)
+    variables = {"params": params}
+    plain, _ = _tiny("tok")[0].apply(variables, images)
+    evaluated, _ = model.apply(variables, images)
+    np.testing.assert_array_equal(evaluated, plain)
+    rngs = {"dropout": jax.random.key(5, impl="rbg")}  # rbg: compiles fast
+    trained, _ = model.apply(variables, images, train=True, rngs=rngs)
+    assert np.abs(np.asarray(trained - plain)).max() > 1e-3
+
+
+def test_explicit_attention_path_equals_fused_one(images):
+    # A vanishing attention dropout rate takes the explicit-weights path in training mode; it must
+    # compute the same attention as jax.nn.dot_product_attention.
+    model, params = _tiny("tok", attention_dropout_rate=1e-12)
+    rngs = {"dropout": jax.random.key(5, impl="rbg")}  # rbg: compiles fast
+    explicit, _ = model.apply({"params": params}, images, train=True, rngs=rngs)
+    fused, _ = model.apply({"params": params}, images)
+    np.testing.assert_allclose(explicit, fused, atol=1e-5)
