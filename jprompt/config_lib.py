@@ -7,6 +7,7 @@ against the defaults the config file declares. Single fields are overridden afte
 """
 
 import dataclasses
+import importlib.resources
 
 from ml_collections import ConfigDict
 
@@ -34,10 +35,13 @@ CHECKPOINTS = {
     "vit_l16": AUGREG + "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz",
 }
 
-# The offline demo: a tiny ViT on the procedural dataset that ships with the package.
+# The offline demo: a tiny ViT pretrained on the procedural ``shapes`` task (shipped with the
+# package, made by ``python -m jprompt.pretrain_demo``) adapted to the ``colors`` task, which its
+# colour-invariant shape features do not solve on their own.
 DEMO_BACKBONE = "vit_tiny4"
 DEMO_IMAGE_SIZE = 32
-DEMO_DATASET = "jprompt_shapes/shapes"
+DEMO_DATASET = "jprompt_shapes/colors"
+DEMO_CHECKPOINT = str(importlib.resources.files("jprompt") / "assets" / "vit_tiny4_shapes.npz")
 
 
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
@@ -111,7 +115,7 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     config.backbone = ConfigDict(
         dict(
             name=backbone,
-            checkpoint="" if demo else CHECKPOINTS.get(backbone, ""),
+            checkpoint=DEMO_CHECKPOINT if demo else CHECKPOINTS.get(backbone, ""),
             pool="tok",
             dropout_rate=0.0,
             representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files

@@ -18,12 +18,13 @@ import pytest  # noqa: E402  (after the environment setup above, on purpose)
 
 
 @pytest.fixture(scope="session")
-def shapes_data_dir(tmp_path_factory):
-    """A tfds data_dir with the offline ``jprompt_shapes/shapes`` dataset prepared once."""
+def demo_data_dir(tmp_path_factory):
+    """A tfds data_dir with the demo's offline dataset prepared once."""
     import tensorflow_datasets as tfds
 
     import jprompt.data.synthetic  # noqa: F401  (registers the builder)
+    from jprompt import config_lib
 
     data_dir = tmp_path_factory.mktemp("tfds")
-    tfds.builder("jprompt_shapes/shapes", data_dir=str(data_dir)).download_and_prepare()
+    tfds.builder(config_lib.DEMO_DATASET, data_dir=str(data_dir)).download_and_prepare()
     return data_dir

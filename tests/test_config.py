@@ -7,11 +7,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jprompt import config_lib, methods, optim
 from jprompt.methods.heads import HEAD_INITS
-from jprompt.models import backbones
+from jprompt.models import backbones, vit_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_config_builds_method_and_optimizer(file, arg):
     assert config.method.get("head_init", "zeros") in HEAD_INITS
     if "demo" in arg:
         assert config.dataset.name.startswith("jprompt_shapes/")
-        assert config.backbone.checkpoint == ""
+        assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINT
     else:
         assert config.backbone.checkpoint.startswith("gs://vit_models/augreg/")
     # Build the real method on the real backbone module, abstractly (no weights allocated).
@@ -113,3 +114,14 @@ def test_cli_rejects_override_typo_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "lrr" in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_shipped_demo_backbone_loads_and_is_pretrained():
+    """The demo checkpoint is a vit_jax-named file with the source task's 10-class head."""
+    flat = np.load(config_lib.DEMO_CHECKPOINT)
+    assert flat["head/kernel"].shape == (64, 10)
+    module = backbones.vit.create(config_lib.DEMO_BACKBONE, num_classes=0)
+    params = vit_checkpoint.load_pretrained(config_lib.DEMO_CHECKPOINT, module, image_size=32)
+    assert "head" not in params
+    # Trained, not a fresh init: the CLS token of a fresh ViT is all zeros.
+    assert np.abs(params["cls"]).max() > 0.01
