@@ -18,13 +18,14 @@ import pytest  # noqa: E402  (after the environment setup above, on purpose)
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(tmp_path_factory):
-    """A tfds data_dir with the demo's offline dataset prepared once."""
+def shapes_data_dir(tmp_path_factory):
+    """A tfds data_dir with the offline ``shapes`` (source) and demo (target) datasets."""
     import tensorflow_datasets as tfds
 
     import jprompt.data.synthetic  # noqa: F401  (registers the builder)
     from jprompt import config_lib
 
     data_dir = tmp_path_factory.mktemp("tfds")
-    tfds.builder(config_lib.DEMO_DATASET, data_dir=str(data_dir)).download_and_prepare()
+    for name in ("jprompt_shapes/shapes", config_lib.DEMO_DATASET):
+        tfds.builder(name, data_dir=str(data_dir)).download_and_prepare()
     return data_dir

@@ -21,12 +21,12 @@ def load_config(file, arg="demo"):
 
 
 @pytest.fixture
-def tiny_config(demo_data_dir):
+def tiny_config(shapes_data_dir):
     """A demo config shrunk to 4 steps per epoch, 2 epochs, on sliced splits."""
 
     def make(file="vp.py", **overrides):
         config = load_config(file)
-        config.dataset.data_dir = str(demo_data_dir)
+        config.dataset.data_dir = str(shapes_data_dir)
         config.dataset.train_split = "train[:256]"
         config.dataset.val_split = "validation[:128]"
         config.dataset.test_split = "test[:100]"  # not a multiple of the batch: padding
