@@ -65,10 +65,10 @@ def group_labels(params, lr_by_path, default_lr: float) -> tuple[dict, dict[str,
 
     def label(path, _):
         name = path_str(path)
-        for index, (pattern, lr) in enumerate(patterns):
+        for pattern, lr in patterns:
             if pattern.fullmatch(name):
-                lrs[f"group{index}"] = lr
-                return f"group{index}"
+                lrs[pattern.pattern] = lr  # the regex names the group in logs
+                return pattern.pattern
         return "default"
 
     labels = jax.tree_util.tree_map_with_path(label, params)

@@ -61,7 +61,7 @@ def test_per_group_learning_rates_by_regex():
     np.testing.assert_allclose(updates["prompter"]["pad"], -40.0)
     np.testing.assert_allclose(updates["head"]["kernel"], -0.5)
     np.testing.assert_allclose(updates["head"]["bias"], -0.5)
-    assert sorted(schedules) == ["default", "group0", "group1"]
+    assert sorted(schedules) == ["default", "head/.*", "prompter/mask_generator/.*"]
 
 
 def test_sgd_weight_decay_is_coupled_and_skips_biases():
