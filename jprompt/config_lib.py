@@ -23,16 +23,18 @@ SPLITS = {
     "eurosat": ("train[:60%]", "train[60%:80%]", "train[80%:]"),
 }
 
-# Published checkpoints (vit_jax "How to train your ViT" ImageNet-21k runs, the ones its
-# authors recommend for transfer). Point ``backbone.checkpoint`` at a local copy when offline.
+# Published checkpoints: the ImageNet-21k runs of "How to train your ViT?" (Steiner et al. 2021)
+# that its authors recommend for transfer (also big_vision's "howto-i21k" list). Point
+# ``backbone.checkpoint`` at a local copy when offline.
 AUGREG = "gs://vit_models/augreg/"
 CHECKPOINTS = {
     "vit_ti16": AUGREG + "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
-    "vit_s16": AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
     "vit_s32": AUGREG + "S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0.npz",
+    "vit_s16": AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "vit_b32": AUGREG + "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz",
     "vit_b16": AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
-    "vit_b32": AUGREG + "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0.npz",
-    "vit_l16": AUGREG + "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz",
+    "vit_b8": AUGREG + "B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0.npz",
+    "vit_l16": AUGREG + "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
 }
 
 # The offline demo: a tiny ViT pretrained on the procedural ``shapes`` task (shipped with the

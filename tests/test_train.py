@@ -166,3 +166,12 @@ def test_unwritable_workdir_fails_before_any_work(tiny_config, tmp_path):
 def test_batch_not_divisible_by_devices_fails_clearly(tiny_config):
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         train.create_experiment(tiny_config(batch_size=60))
+
+
+def test_unknown_backbone_and_dataset_fail_listing_choices(tiny_config):
+    with pytest.raises(ValueError, match=r"unknown backbone 'vit_q16'; valid choices: \[.*vit_b16"):
+        train.create_experiment(tiny_config(**{"backbone.name": "vit_q16"}))
+    with pytest.raises(ValueError, match=r"unknown tfds dataset 'cifar1000'.*close matches"):
+        train.create_experiment(tiny_config(**{"dataset.name": "cifar1000"}))
+    with pytest.raises(ValueError, match=r"unknown config 'colours'.*valid configs: \['shapes'"):
+        train.create_experiment(tiny_config(**{"dataset.name": "jprompt_shapes/colours"}))

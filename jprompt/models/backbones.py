@@ -69,7 +69,11 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
         params = vit_checkpoint.load_pretrained(config.checkpoint, module, image_size=image_size)
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     else:
-        logging.info("Initialising %s randomly (no checkpoint given)", config.name)
+        logging.warning(
+            "No checkpoint given: %s starts from a RANDOM initialisation, which only makes "
+            "sense for training from scratch (set backbone.checkpoint to a .npz file)",
+            config.name,
+        )
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         params = jax.jit(module.init)(rng, dummy)["params"]
     return backbone, params
