@@ -32,16 +32,24 @@ from jprompt.models import backbones
 RESULTS_FILE = "results.json"
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(
+    method: Method, tx: optax.GradientTransformation, steps_per_epoch: int
+) -> Callable:
     """``(state, frozen, batch, rng) -> (state, metrics)``; gradients only for trained params."""
 
     def train_step(state, frozen, batch, rng):
         rng = jax.random.fold_in(rng, state["step"])
+        epoch = state["step"] // steps_per_epoch
         trained = state["trained"]
 
         def loss_fn(params):
             logits, aux = method.apply(
-                {**trained, "params": params}, frozen, batch["image"], rng=rng, train=True
+                {**trained, "params": params},
+                frozen,
+                batch["image"],
+                rng=rng,
+                train=True,
+                epoch=epoch,
             )
             logits = logits.astype(jnp.float32)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -186,7 +194,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         eval_rng=eval_rng,
         # The state is donated: its buffers are reused for the next state, halving its memory.
         train_step=jax.jit(
-            make_train_step(method, tx),
+            make_train_step(method, tx, steps_per_epoch),
             donate_argnums=(0,),
             out_shardings=(replicated, replicated),
         ),

@@ -16,8 +16,8 @@ class FineTune(Method):
         )
         return {"params": {"backbone": backbone_params, "head": head}}, {}
 
-    def apply(self, trained, frozen, images, *, rng, train):
-        del frozen
+    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+        del frozen, epoch
         params = trained["params"]
         features, out = self.backbone.features(params["backbone"], images, rng=rng, train=train)
         return heads.apply_linear_head(params["head"], features), out

@@ -18,8 +18,8 @@ class LinearProbe(Method):
         )
         return {"params": {"head": head}}, {"backbone": backbone_params}
 
-    def apply(self, trained, frozen, images, *, rng, train):
-        del rng, train  # The backbone runs in inference mode; the head is deterministic.
+    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+        del rng, train, epoch  # The backbone runs in inference mode; the head is deterministic.
         features, out = self.backbone.features(frozen["backbone"], images)
         # Nothing upstream of the head needs a gradient; make that explicit for XLA.
         features = jax.lax.stop_gradient(features)

@@ -63,8 +63,12 @@ class VisualPrompt(Method):
         }
         return {"params": trained}, {"backbone": backbone_params}
 
-    def apply(self, trained, frozen, images, *, rng, train):
-        del rng, train  # The padding prompt is deterministic; the backbone runs in eval mode.
+    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+        del (
+            rng,
+            train,
+            epoch,
+        )  # The padding prompt is deterministic; the backbone runs in eval mode.
         params = trained["params"]
         prompted = images + padding_prompt(params["prompter"]).astype(images.dtype)
         features, out = self.backbone.features(frozen["backbone"], prompted)
