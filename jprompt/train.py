@@ -21,7 +21,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import ConfigDict
 
-from jprompt import checkpoint, config_lib, methods, optim, sharding
+from jprompt import checkpoint, config_lib, methods, optim, sharding, visualize
 from jprompt.data import pipeline
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.evaluate import evaluate, make_eval_step
@@ -319,6 +319,8 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
         if epoch_end:
             val = experiment.evaluate(state["trained"], config.dataset.val_split)
             writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
+            if is_main and hasattr(experiment.method, "visualize"):
+                _write_pictures(experiment, state["trained"], step, writer, workdir)
             if val["accuracy"] > best_accuracy:
                 best_accuracy = val["accuracy"]
                 checkpoints.save_best(step, state["trained"], config_json, val)
@@ -350,6 +352,22 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
         results_path.write_text(json.dumps(results, indent=2))
     logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
     return results
+
+
+def _write_pictures(experiment, trained, step, writer, workdir) -> None:
+    """Prompted validation images (and masks) to TensorBoard and ``workdir/images``."""
+    first_batch = next(iter(experiment.eval_batches(experiment.config.dataset.val_split)))
+    pictures = visualize.method_pictures(
+        experiment.method,
+        trained,
+        experiment.frozen,
+        first_batch["image"][: visualize.NUM_IMAGES],
+        rng=experiment.eval_rng,
+        normalization=experiment.spec.normalization,
+    )
+    writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})
+    for name, picture in pictures.items():
+        visualize.write_png(workdir / "images" / f"{name}_{step}.png", picture)
 
 
 def _count(tree) -> int:
