@@ -7,7 +7,6 @@ tiny builder defined below, or a real builder that must fail before any download
 import collections
 import hashlib
 import io
-import time
 
 import numpy as np
 import pytest
@@ -104,9 +103,7 @@ def test_synthetic_config_class_names():
 
 def test_synthetic_preparation_is_offline_and_deterministic(shapes_dir, tmp_path):
     # tfds.load downloads and prepares by default: this works only because nothing is fetched.
-    start = time.monotonic()
     again = tfds.load(SHAPES, split="test", data_dir=str(tmp_path), shuffle_files=False)
-    assert time.monotonic() - start < 30
     first_images, first_labels = read_split(shapes_dir, "test")
     again = list(tfds.as_numpy(again))
     np.testing.assert_array_equal(np.stack([e["image"] for e in again]), first_images)
@@ -239,6 +236,9 @@ def test_flip_is_seeded_and_applies_to_some_seeds_only():
 def test_unknown_choices_list_the_valid_ones(field, value, valid):
     with pytest.raises(ValueError, match=valid):
         PreprocessSpec(32, **{field: value})
+
+
+def test_bad_image_size_and_normalization_name():
     with pytest.raises(ValueError, match="positive int"):
         PreprocessSpec(0)
     with pytest.raises(ValueError, match="clip"):
@@ -268,11 +268,13 @@ def test_unknown_dataset_suggests_close_names():
         pipeline.dataset_info("jprompt_shapes/shape", "train")
 
 
-def test_missing_real_dataset_fails_fast_without_downloading(tmp_path):
-    start = time.monotonic()
+def test_missing_real_dataset_fails_fast_without_downloading(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("a real dataset download was attempted")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
     with pytest.raises(FileNotFoundError, match="tfds build cifar10 --data_dir") as error:
         pipeline.dataset_info("cifar10", "train", data_dir=str(tmp_path))
-    assert time.monotonic() - start < 5
     assert "gs://tfds-data/datasets" in str(error.value)
     assert not any(tmp_path.rglob("*.tfrecord*"))
 
