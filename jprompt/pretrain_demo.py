@@ -1,10 +1,10 @@
-r"""Pretrain the demo backbone: a tiny ViT trained from scratch on ``jprompt_shapes/shapes``.
+r"""Pretrain the demo backbone (``configs/pretrain_tiny.py``) and export it as a checkpoint.
 
 The offline demos adapt a *pretrained* frozen backbone, as the papers do with ImageNet-21k
 ViTs, without any download. This script makes that backbone with the project's own trainer
-(full training of every parameter on the ``shapes`` source task) and writes it as a vit_jax
-Linen-named ``.npz``, head included, exactly like a published checkpoint. The package ships the
-result as ``jprompt/assets/vit_tiny4_shapes.npz``; rerun this to reproduce it:
+(full training of every parameter on the ``shapes`` source task, from scratch) and writes the
+best-validation state as a vit_jax Linen-named ``.npz``, head included, like a published file.
+The package ships the result as ``jprompt/assets/vit_tiny4_shapes.npz``; to reproduce it:
 
     python -m jprompt.pretrain_demo --workdir=/tmp/pretrain_demo \
         --out=jprompt/assets/vit_tiny4_shapes.npz
@@ -22,27 +22,16 @@ from jprompt.models import vit_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the pretraining run.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the .npz backbone.")
-_EPOCHS = flags.DEFINE_integer("epochs", 30, "Training epochs on jprompt_shapes/shapes.")
+_EPOCHS = flags.DEFINE_integer("epochs", 20, "Training epochs on jprompt_shapes/shapes.")
 
-FINETUNE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "finetune.py"
+PRETRAIN_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain_tiny.py"
 
 
 def pretraining_config(epochs: int):
-    spec = importlib.util.spec_from_file_location("finetune_config", FINETUNE_CONFIG)
+    spec = importlib.util.spec_from_file_location("pretrain_tiny", PRETRAIN_CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("demo")
-    config.dataset.name = "jprompt_shapes/shapes"
-    config.backbone.checkpoint = ""  # from scratch
-    config.num_epochs = epochs
-    config.input.flip = True
-    config.optim.name = "adamw"
-    config.optim.lr = 2e-3
-    config.optim.weight_decay = 0.05
-    config.optim.grad_clip_norm = 1.0
-    config.optim.warmup_epochs = 2
-    config.optim.warmup_steps = 0
-    return config
+    return module.get_config(f"epochs={epochs}")
 
 
 def main(argv):
