@@ -7,12 +7,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jprompt import config_lib, methods, optim
 from jprompt.methods.heads import HEAD_INITS
-from jprompt.models import backbones, vit_checkpoint
+from jprompt.models import backbones
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,9 +24,42 @@ DOCUMENTED_ARGS = {
         "dataset=cifar10",
         "prompt_size=20",
         "demo,prompt_size=6",
+        "prompter=fixed_patch",
+        "demo,prompter=random_patch",
+    ],
+    "vpt.py": [
+        "",
+        "demo",
+        "deep",
+        "demo,deep",
+        "num_tokens=100",
+        "deep,num_tokens=50,dataset=dtd",
+        "backbone=vit_s16",
+        "dataset=cifar10",
+    ],
+    "adavipro.py": [
+        "",
+        "demo",
+        "backbone=vit_s16",
+        "dataset=cifar10",
+        "prompt_size=20",
+        "region_size=16",
+        "demo,prompt_size=6",
+    ],
+    "pgn.py": [
+        "",
+        "demo",
+        "backbone=vit_s16",
+        "dataset=cifar10",
+        "num_tokens=8",
+        "library_size=256",
+        "baseline",
+        "demo,baseline",
+        "demo,num_tokens=4,library_size=64",
     ],
     "linear_probe.py": ["", "demo", "backbone=vit_s16", "dataset=cifar10"],
     "finetune.py": ["", "demo", "backbone=vit_ti16", "dataset=cifar10"],
+    "pretrain_tiny.py": ["", "epochs=3"],
 }
 
 
@@ -49,7 +81,9 @@ def test_config_builds_method_and_optimizer(file, arg):
     assert module_config.name in backbones.NAMES
     assert config.method.name in methods.METHODS
     assert config.method.get("head_init", "zeros") in HEAD_INITS
-    if "demo" in arg:
+    if file == "pretrain_tiny.py":  # the one config that trains a backbone from scratch
+        assert config.backbone.checkpoint == ""
+    elif "demo" in arg:
         assert config.dataset.name.startswith("jprompt_shapes/")
         assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINT
     else:
@@ -114,14 +148,3 @@ def test_cli_rejects_override_typo_before_any_work(tmp_path):
     assert result.returncode != 0
     assert "lrr" in result.stderr
     assert not (tmp_path / "w").exists()
-
-
-def test_shipped_demo_backbone_loads_and_is_pretrained():
-    """The demo checkpoint is a vit_jax-named file with the source task's 10-class head."""
-    flat = np.load(config_lib.DEMO_CHECKPOINT)
-    assert flat["head/kernel"].shape == (64, 10)
-    module = backbones.vit.create(config_lib.DEMO_BACKBONE, num_classes=0)
-    params = vit_checkpoint.load_pretrained(config_lib.DEMO_CHECKPOINT, module, image_size=32)
-    assert "head" not in params
-    # Trained, not a fresh init: the CLS token of a fresh ViT is all zeros.
-    assert np.abs(params["cls"]).max() > 0.01

@@ -66,6 +66,11 @@ def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path
     assert 0.0 <= results["test"]["accuracy"] <= 1.0
     assert results["best_step"] in (4, 8)
     assert list(tmp_path.glob("events.out.tfevents.*"))
+    # VP draws its prompted validation images after each epoch.
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "prompted_4.png",
+        "prompted_8.png",
+    ]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
     assert [p.name for p in (tmp_path / "best").iterdir()] == [str(results["best_step"])]
 

@@ -2,15 +2,22 @@
 
 import dataclasses
 
+from jprompt.methods.adavipro import AdaViPro
 from jprompt.methods.base import Method
 from jprompt.methods.finetune import FineTune
 from jprompt.methods.linear import LinearProbe
+from jprompt.methods.pgn import LearnedTokens, PromptGenerationNetwork
 from jprompt.methods.vp import VisualPrompt
+from jprompt.methods.vpt import VisualPromptTuning
 
 METHODS: dict[str, type[Method]] = {
     "linear_probe": LinearProbe,
     "finetune": FineTune,
     "vp": VisualPrompt,
+    "pgn": PromptGenerationNetwork,
+    "prompt_tokens": LearnedTokens,
+    "adavipro": AdaViPro,
+    "vpt": VisualPromptTuning,
 }
 
 

@@ -1,9 +1,16 @@
-"""VP: visual prompting with a learned pixel frame (Bahng et al. 2022).
+"""VP: visual prompting with learned pixel prompts (Bahng et al. 2022).
 
-The padding prompter learns a frame of width ``prompt_size`` around the image: top and bottom
-strips ``(p, S, 3)`` and left and right strips ``(S - 2p, p, 3)``; the inside is zero. It is added
-to every image of the batch in the backbone's *normalized* input space, without clamping, as in
-the official code; parameters are drawn from N(0, 1). At S=224, p=30 that is 69,840 parameters.
+Three prompters, chosen by ``VisualPrompt.prompter``; each adds its prompt to every image of the
+batch in the backbone's *normalized* input space, without clamping, as in the official code, and
+all parameters are drawn from N(0, 1). ``prompt_size`` is p below, S the image size.
+
+- ``padding``: a frame of width p around the image: top and bottom strips ``(p, S, 3)`` and left
+  and right strips ``(S - 2p, p, 3)``; the inside is zero. At S=224, p=30: 69,840 parameters.
+- ``fixed_patch``: one learned ``(p, p, 3)`` patch added at the top-left corner.
+- ``random_patch``: the same kind of patch added at a location (row, column) drawn uniformly from
+  ``[0, S - p)`` on every forward pass, from the ``rng`` passed to ``apply``: one location for the
+  whole batch. As in the official code the location is random at evaluation too (the trainer
+  passes a distinct rng to every evaluation batch), so evaluation accuracy is itself a sample.
 
 Head: with a vision-only backbone this implementation trains a linear head on the frozen
 features next to the prompt (the head VPT uses); the paper's CLIP setting with a frozen zero-shot
@@ -17,6 +24,8 @@ import jax.numpy as jnp
 
 from jprompt.methods import heads
 from jprompt.methods.base import Method
+
+PROMPTERS = ("padding", "fixed_patch", "random_patch")
 
 
 def init_padding(rng: jax.Array, image_size: int, prompt_size: int) -> dict:
@@ -48,28 +57,74 @@ def padding_prompt(params: dict) -> jax.Array:
     return jnp.concatenate([params["pad_up"], middle, params["pad_down"]], axis=0)
 
 
+def init_patch(rng: jax.Array, image_size: int, prompt_size: int) -> dict:
+    """One ``(p, p, 3)`` patch, N(0, 1); ``p < S`` so a random location exists."""
+    if not 0 < prompt_size < image_size:
+        raise ValueError(
+            f"prompt_size {prompt_size} does not fit a {image_size}px image: "
+            f"need 0 < prompt_size < image_size"
+        )
+    return {"patch": jax.random.normal(rng, (prompt_size, prompt_size, 3), jnp.float32)}
+
+
+def patch_prompt(params: dict, image_size: int, row=0, col=0) -> jax.Array:
+    """The ``(S, S, 3)`` prompt: zeros with the patch at ``(row, col)`` (may be traced)."""
+    patch = params["patch"]
+    canvas = jnp.zeros((image_size, image_size, 3), patch.dtype)
+    return jax.lax.dynamic_update_slice(canvas, patch, (row, col, 0))
+
+
+def random_location(rng: jax.Array, image_size: int, prompt_size: int) -> jax.Array:
+    """``(row, col)``, each uniform over the integers of ``[0, S - p)``."""
+    return jax.random.randint(rng, (2,), 0, image_size - prompt_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class VisualPrompt(Method):
     prompt_size: int = 30
+    prompter: str = "padding"
     head_init: str = "zeros"
+
+    def __post_init__(self):
+        if self.prompter not in PROMPTERS:
+            raise ValueError(f"unknown prompter {self.prompter!r}; valid choices: {PROMPTERS}")
 
     def init(self, rng, backbone_params):
         prompt_rng, head_rng = jax.random.split(rng)
+        size = self.backbone.image_size
+        if self.prompter == "padding":
+            prompter = init_padding(prompt_rng, size, self.prompt_size)
+        else:
+            prompter = init_patch(prompt_rng, size, self.prompt_size)
         trained = {
-            "prompter": init_padding(prompt_rng, self.backbone.image_size, self.prompt_size),
+            "prompter": prompter,
             "head": heads.init_linear_head(
                 head_rng, self.backbone.feature_dim, self.num_classes, self.head_init
             ),
         }
         return {"params": trained}, {"backbone": backbone_params}
 
+    def prompt(self, prompter_params: dict, rng: jax.Array | None) -> jax.Array:
+        """The ``(S, S, 3)`` pixel prompt for one forward pass."""
+        if self.prompter == "padding":
+            return padding_prompt(prompter_params)
+        if self.prompter == "fixed_patch":
+            return patch_prompt(prompter_params, self.backbone.image_size)
+        if rng is None:
+            raise ValueError("the random_patch prompter needs an rng, at evaluation too")
+        row, col = random_location(rng, self.backbone.image_size, self.prompt_size)
+        return patch_prompt(prompter_params, self.backbone.image_size, row, col)
+
+    def visualize(self, trained, frozen, images, *, rng):
+        """The prompted images the backbone sees, for pictures."""
+        del frozen
+        return {"prompted": images + self.prompt(trained["params"]["prompter"], rng)}
+
     def apply(self, trained, frozen, images, *, rng, train, epoch=0):
-        del (
-            rng,
-            train,
-            epoch,
-        )  # The padding prompt is deterministic; the backbone runs in eval mode.
+        # The prompt does not depend on ``train`` (the random patch moves at evaluation too);
+        # the backbone always runs in eval mode.
+        del train, epoch
         params = trained["params"]
-        prompted = images + padding_prompt(params["prompter"]).astype(images.dtype)
+        prompted = images + self.prompt(params["prompter"], rng).astype(images.dtype)
         features, out = self.backbone.features(frozen["backbone"], prompted)
         return heads.apply_linear_head(params["head"], features), out

@@ -1,0 +1,93 @@
+r"""Transfer table: every method adapting the shipped pretrained tiny ViT to the offline targets.
+
+The backbone (``jprompt/assets/vit_tiny4_shapes.npz``) was trained from scratch on the
+``jprompt_shapes/shapes`` source task (``python -m jprompt.pretrain_demo``). Each method's
+``demo`` config adapts it to each target task of ``jprompt_shapes``; the script prints one row per
+(method, target): trainable parameters, test accuracy (of the best-validation state) and wall
+time of the whole run (compilation included).
+
+    python benchmarks/transfer.py --workdir=/tmp/transfer [--targets=colors,count,textures]
+"""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import time
+
+from absl import app, flags
+
+from jprompt import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs (one subdirectory each).")
+_TARGETS = flags.DEFINE_list("targets", ["colors", "count", "textures"], "jprompt_shapes configs.")
+_METHODS = flags.DEFINE_list("methods", None, "Subset of the rows' labels (default: all).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    config_file: str
+    arg: str = "demo"
+    method_overrides: tuple = ()
+
+
+ROWS = (
+    Row("linear probe", "linear_probe.py"),
+    Row("full fine-tune", "finetune.py"),
+    Row("VP padding", "vp.py"),
+    Row("VP fixed patch", "vp.py", "demo,prompter=fixed_patch"),
+    Row("VP random patch", "vp.py", "demo,prompter=random_patch"),
+    Row("VPT shallow", "vpt.py"),
+    Row("VPT deep", "vpt.py", "demo,deep"),
+    Row("PGN", "pgn.py"),
+    Row("learned tokens", "pgn.py", "demo", (("name", "prompt_tokens"),)),
+    Row("AdaViPro", "adavipro.py"),
+)
+
+
+def load_config(row: Row, target: str):
+    path = ROOT / "configs" / row.config_file
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(row.arg)
+    config.dataset.name = f"jprompt_shapes/{target}"
+    for key, value in row.method_overrides:
+        config.method[key] = value
+    return config
+
+
+def main(argv):
+    del argv
+    rows = [r for r in ROWS if not _METHODS.value or r.label in _METHODS.value]
+    table = []
+    for target in _TARGETS.value:
+        for row in rows:
+            workdir = pathlib.Path(_WORKDIR.value) / f"{target}-{row.label.replace(' ', '_')}"
+            start = time.perf_counter()
+            results = train.train_and_evaluate(load_config(row, target), str(workdir))
+            table.append(
+                dict(
+                    target=target,
+                    method=row.label,
+                    trainable_params=results["trainable_params"],
+                    test_accuracy=results["test"]["accuracy"],
+                    seconds=time.perf_counter() - start,
+                )
+            )
+    (pathlib.Path(_WORKDIR.value) / "transfer.json").write_text(json.dumps(table, indent=2))
+    print("\n| target | method | trainable params | test accuracy | wall time (s) |")
+    print("|---|---|---:|---:|---:|")
+    for r in table:
+        print(
+            f"| {r['target']} | {r['method']} | {r['trainable_params']:,} | "
+            f"{r['test_accuracy']:.3f} | {r['seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
