@@ -13,6 +13,7 @@ import importlib.util
 import math
 import pathlib
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -404,16 +405,7 @@ def test_batch_statistics_over_eight_devices_equal_one_device(pgn_setup):
 # --- Training end to end ------------------------------------------------------------------------
 
 
-def run_steps(experiment, num_steps):
-    state, losses = experiment.state, []
-    batches = experiment.train_batches()
-    for _ in range(num_steps):
-        batch = sharding.to_global_batch(next(batches), experiment.mesh)
-        state, metrics = experiment.train_step(
-            state, experiment.frozen, batch, experiment.train_rng
-        )
-        losses.append(float(metrics.compute()["loss"]))
-    return losses, state
+run_steps = helpers.run_steps
 
 
 @pytest.mark.parametrize("name", ["pgn", "prompt_tokens"])

@@ -1,23 +1,14 @@
 """End-to-end training on the offline dataset: results, resume, sharding, frozen backbone."""
 
-import importlib.util
 import json
-import pathlib
 
+import helpers
 import jax
 import numpy as np
 import pytest
+from helpers import to_numpy
 
 from jprompt import checkpoint, sharding, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(file, arg="demo"):
-    spec = importlib.util.spec_from_file_location(file, ROOT / "configs" / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.fixture
@@ -25,7 +16,7 @@ def tiny_config(shapes_data_dir):
     """A demo config shrunk to 4 steps per epoch, 2 epochs, on sliced splits."""
 
     def make(file="vp.py", **overrides):
-        config = load_config(file)
+        config = helpers.load_config(file)
         config.dataset.data_dir = str(shapes_data_dir)
         config.dataset.train_split = "train[:256]"
         config.dataset.val_split = "validation[:128]"
@@ -39,10 +30,6 @@ def tiny_config(shapes_data_dir):
         return config
 
     return make
-
-
-def to_numpy(tree):
-    return jax.tree.map(np.asarray, tree)
 
 
 def latest_trained(workdir, experiment):
@@ -99,15 +86,8 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
 
 
 def run_steps(experiment, num_steps):
-    """Train ``num_steps`` steps by hand; return per-step losses, final trained params."""
-    state, losses = experiment.state, []
-    batches = experiment.train_batches()
-    for _ in range(num_steps):
-        batch = sharding.to_global_batch(next(batches), experiment.mesh)
-        state, metrics = experiment.train_step(
-            state, experiment.frozen, batch, experiment.train_rng
-        )
-        losses.append(float(metrics.compute()["loss"]))
+    """Per-step losses and the final trained tree as numpy."""
+    losses, state = helpers.run_steps(experiment, num_steps)
     return losses, to_numpy(state["trained"])
 
 

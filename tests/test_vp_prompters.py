@@ -1,16 +1,16 @@
 """VP patch prompters: the fixed patch at the top-left corner, the random patch's location (one per
 forward pass, for the whole batch, from the rng, at evaluation too), and training through them."""
 
-import importlib.util
 import pathlib
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import methods, sharding, train
+from jprompt import methods, train
 from jprompt.methods import heads, vp
 from jprompt.models import backbones, vit
 
@@ -173,10 +173,7 @@ def test_random_patch_under_jit_and_gradient():
 
 
 def load_vp_config(arg):
-    spec = importlib.util.spec_from_file_location("vp_config", ROOT / "configs" / "vp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return helpers.load_config("vp.py", arg)
 
 
 def test_config_prompter_arg():
@@ -188,25 +185,11 @@ def test_config_prompter_arg():
 
 @pytest.mark.parametrize("prompter", ["fixed_patch", "random_patch"])
 def test_training_steps_keep_the_backbone_bit_identical(shapes_data_dir, prompter):
-    config = load_vp_config(f"demo,prompter={prompter}")
-    config.dataset.data_dir = str(shapes_data_dir)
-    config.dataset.train_split = "train[:256]"
-    config.dataset.val_split = "validation[:64]"
-    config.dataset.test_split = "test[:64]"
-    config.batch_size = 64
-    config.eval_batch_size = 64
-    config.num_epochs = 1
-    config.optim.warmup_steps = 1
+    config = helpers.shrink(load_vp_config(f"demo,prompter={prompter}"), shapes_data_dir)
     experiment = train.create_experiment(config)
     frozen_before = jax.tree.map(np.array, experiment.frozen)
     trained_before = jax.tree.map(np.array, experiment.state["trained"])
-    state, batches, losses = experiment.state, experiment.train_batches(), []
-    for _ in range(3):
-        batch = sharding.to_global_batch(next(batches), experiment.mesh)
-        state, metrics = experiment.train_step(
-            state, experiment.frozen, batch, experiment.train_rng
-        )
-        losses.append(float(metrics.compute()["loss"]))
+    losses, state = helpers.run_steps(experiment, 3)
     assert all(np.isfinite(losses)) and losses[-1] != losses[0]
     jax.tree.map(
         np.testing.assert_array_equal, jax.tree.map(np.asarray, experiment.frozen), frozen_before

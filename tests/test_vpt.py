@@ -2,18 +2,18 @@
 prompt dropout, a frozen backbone in eval mode, gradients, projection, and a short training run."""
 
 import functools
-import importlib.util
 import math
 import pathlib
 
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jprompt import config_lib, methods, sharding, train
+from jprompt import config_lib, methods, train
 from jprompt.methods import heads, vpt
 from jprompt.models import backbones, vit, vit_checkpoint
 
@@ -368,29 +368,13 @@ def test_projection_maps_stored_tokens_through_one_shared_linear():
 
 
 def load_config(arg):
-    spec = importlib.util.spec_from_file_location("vpt_config", ROOT / "configs" / "vpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return helpers.load_config("vpt.py", arg)
 
 
 @pytest.fixture
 def small_vpt_config(shapes_data_dir):
     """The demo config on a 256-example slice: 4 steps of 64 per epoch."""
-
-    def make(arg):
-        config = load_config(arg)
-        config.dataset.data_dir = str(shapes_data_dir)
-        config.dataset.train_split = "train[:256]"
-        config.dataset.val_split = "validation[:64]"
-        config.dataset.test_split = "test[:64]"
-        config.batch_size = 64
-        config.eval_batch_size = 64
-        config.num_epochs = 1
-        config.optim.warmup_steps = 1
-        return config
-
-    return make
+    return lambda arg: helpers.shrink(load_config(arg), shapes_data_dir)
 
 
 def test_recipe_of_the_full_config():
@@ -417,13 +401,7 @@ def test_training_steps_keep_the_backbone_bit_identical(small_vpt_config, arg):
     experiment = train.create_experiment(small_vpt_config(arg))
     frozen_before = jax.tree.map(np.array, experiment.frozen)
     trained_before = jax.tree.map(np.array, experiment.state["trained"])
-    state, batches, losses = experiment.state, experiment.train_batches(), []
-    for _ in range(3):
-        batch = sharding.to_global_batch(next(batches), experiment.mesh)
-        state, metrics = experiment.train_step(
-            state, experiment.frozen, batch, experiment.train_rng
-        )
-        losses.append(float(metrics.compute()["loss"]))
+    losses, state = helpers.run_steps(experiment, 3)
     assert all(np.isfinite(losses)) and losses[-1] != losses[0]
     jax.tree.map(
         np.testing.assert_array_equal, jax.tree.map(np.asarray, experiment.frozen), frozen_before

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests that drive the trainer: config loading, shrinking, a few steps."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+
+from jprompt import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(file: str, arg: str = "demo"):
+    """``get_config(arg)`` of ``configs/<file>``, as the command line would load it."""
+    spec = importlib.util.spec_from_file_location(file, ROOT / "configs" / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def shrink(config, data_dir, *, num_epochs: int = 1, val_split: str = "validation[:64]"):
+    """Sliced splits and batches of 64: 4 steps per epoch, fast on 2 CPU cores."""
+    config.dataset.data_dir = str(data_dir)
+    config.dataset.train_split = "train[:256]"
+    config.dataset.val_split = val_split
+    config.dataset.test_split = "test[:64]"
+    config.batch_size = 64
+    config.eval_batch_size = 64
+    config.num_epochs = num_epochs
+    config.optim.warmup_steps = 1
+    return config
+
+
+def run_steps(experiment, num_steps: int):
+    """Train ``num_steps`` steps by hand; return the per-step losses and the final state."""
+    state, losses = experiment.state, []
+    batches = experiment.train_batches()
+    for _ in range(num_steps):
+        batch = sharding.to_global_batch(next(batches), experiment.mesh)
+        state, metrics = experiment.train_step(
+            state, experiment.frozen, batch, experiment.train_rng
+        )
+        losses.append(float(metrics.compute()["loss"]))
+    return losses, state
+
+
+def to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
