@@ -439,3 +439,15 @@ def test_training_moves_prompts_and_stats_and_keeps_the_backbone(pgn_setup, toke
         # Evaluation runs on the running statistics of the trained state.
         val = experiment.evaluate(state["trained"], setup.config.dataset.val_split)
         assert val["num_examples"] == 128 and math.isfinite(val["loss"])
+
+
+def test_library_usage_picture(pgn_setup):
+    """The picture shows each image's token weights, scaled to a maximum of 1."""
+    method, trained = pgn_setup.method, pgn_setup.trained
+    pictures = method.visualize(trained, pgn_setup.frozen, pgn_setup.images, rng=None)
+    usage = np.asarray(pictures["library_usage_mask"])
+    _, weights, _ = method.prompts(trained, pgn_setup.images, train=False)
+    assert usage.shape == (*weights.shape, 1)
+    np.testing.assert_allclose(usage.max(axis=(1, 2, 3)), 1.0, rtol=1e-6)
+    ratio = usage[..., 0] * weights.max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(ratio, weights, rtol=1e-5, atol=1e-7)

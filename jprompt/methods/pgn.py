@@ -105,6 +105,14 @@ class PromptGenerationNetwork(Method):
         prompts, weights = mix_library(logits, params["library"])
         return prompts, weights, new_stats
 
+    def visualize(self, trained, frozen, images, *, rng):
+        """How each image mixes the token library: its (K, N) softmax weights as a heat map,
+        scaled so that each image's largest weight is white."""
+        del frozen, rng
+        _, weights, _ = self.prompts(trained, images, train=False)
+        scaled = weights / weights.max(axis=(1, 2), keepdims=True)
+        return {"library_usage_mask": scaled[..., None]}
+
     def apply(self, trained, frozen, images, *, rng, train, epoch=0):
         del rng, epoch  # deterministic; the backbone runs in eval mode
         prompts, weights, new_stats = self.prompts(trained, images, train=train)
