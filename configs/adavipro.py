@@ -37,10 +37,7 @@ def get_config(arg=None):
         region_size=32,
         demo=False,
     )
-    if args.demo:
-        args.backbone = config_lib.DEMO_BACKBONE
-        args.dataset = config_lib.DEMO_DATASET
-    config = config_lib.base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config = config_lib.config_for_args(args)
     config.method.name = "adavipro"
     config.method.prompt_size = args.prompt_size
     config.method.region_size = args.region_size

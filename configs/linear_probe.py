@@ -15,10 +15,7 @@ from jprompt import config_lib
 
 def get_config(arg=None):
     args = config_lib.parse_arg(arg, backbone="vit_b16", dataset="cifar100", demo=False)
-    if args.demo:
-        args.backbone = config_lib.DEMO_BACKBONE
-        args.dataset = config_lib.DEMO_DATASET
-    config = config_lib.base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config = config_lib.config_for_args(args)
     config.method.name = "linear_probe"
     config.method.head_init = "zeros"
 

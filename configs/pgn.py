@@ -54,10 +54,7 @@ def get_config(arg=None):
         baseline=False,
         demo=False,
     )
-    if args.demo:
-        args.backbone = config_lib.DEMO_BACKBONE
-        args.dataset = config_lib.DEMO_DATASET
-    config = config_lib.base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config = config_lib.config_for_args(args)
     config.method.name = "prompt_tokens" if args.baseline else "pgn"
     config.method.num_tokens = args.num_tokens
     if not args.baseline:

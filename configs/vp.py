@@ -37,10 +37,7 @@ def get_config(arg=None):
     )
     if args.prompter not in PROMPTERS:
         raise ValueError(f"unknown prompter {args.prompter!r}; valid choices: {PROMPTERS}")
-    if args.demo:
-        args.backbone = config_lib.DEMO_BACKBONE
-        args.dataset = config_lib.DEMO_DATASET
-    config = config_lib.base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config = config_lib.config_for_args(args)
     config.method.name = "vp"
     config.method.prompt_size = args.prompt_size
     config.method.prompter = args.prompter

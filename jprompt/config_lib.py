@@ -149,6 +149,15 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     return config
 
 
+def config_for_args(args: ConfigDict) -> ConfigDict:
+    """``base_config`` for parsed ``backbone``/``dataset``/``demo`` args; ``demo`` swaps in the
+    offline demo's backbone and dataset whatever ``backbone=``/``dataset=`` said."""
+    if args.demo:
+        args.backbone = DEMO_BACKBONE
+        args.dataset = DEMO_DATASET
+    return base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+
+
 def lock(config: ConfigDict) -> ConfigDict:
     """Freeze the set of fields: overriding a field that does not exist fails."""
     config.lock()
