@@ -19,16 +19,24 @@ def load_config(file: str, arg: str = "demo"):
     return module.get_config(arg)
 
 
-def shrink(config, data_dir, *, num_epochs: int = 1, val_split: str = "validation[:64]"):
+def shrink(
+    config,
+    data_dir,
+    *,
+    num_epochs: int = 1,
+    val_split: str = "validation[:64]",
+    test_split: str = "test[:64]",
+    warmup_steps: int = 1,
+):
     """Sliced splits and batches of 64: 4 steps per epoch, fast on 2 CPU cores."""
     config.dataset.data_dir = str(data_dir)
     config.dataset.train_split = "train[:256]"
     config.dataset.val_split = val_split
-    config.dataset.test_split = "test[:64]"
+    config.dataset.test_split = test_split
     config.batch_size = 64
     config.eval_batch_size = 64
     config.num_epochs = num_epochs
-    config.optim.warmup_steps = 1
+    config.optim.warmup_steps = warmup_steps
     return config
 
 

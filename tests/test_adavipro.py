@@ -1,8 +1,6 @@
 """AdaViPro: parameter counts, the fixed edge detector, region masks, x + P * M, training."""
 
-import importlib.util
-import pathlib
-
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +9,6 @@ import pytest
 from jprompt import config_lib, methods, optim, sharding, train
 from jprompt.methods import adavipro, gumbel, heads, vp
 from jprompt.models import backbones, vit, vit_checkpoint
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The counts documented in jprompt/methods/adavipro.py (224 px, prompt_size 30, region 32).
 VP_TEMPLATE = 69_840
@@ -302,10 +298,7 @@ def test_gradient_reaches_the_mask_generator_only_while_training(small):
 
 
 def load_config(arg):
-    spec = importlib.util.spec_from_file_location("adavipro_config", ROOT / "configs/adavipro.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return helpers.load_config("adavipro.py", arg)
 
 
 def test_config_learning_rate_groups():
@@ -329,15 +322,14 @@ def test_config_learning_rate_groups():
 
 
 def test_training_steps_leave_the_backbone_untouched(shapes_data_dir):
-    config = load_config("demo")
-    config.dataset.data_dir = str(shapes_data_dir)
-    config.dataset.train_split = "train[:256]"
-    config.dataset.val_split = "validation[:128]"
-    config.dataset.test_split = "test[:100]"
-    config.batch_size = 64
-    config.eval_batch_size = 64
-    config.num_epochs = 2
-    config.optim.warmup_steps = 2
+    config = helpers.shrink(
+        load_config("demo"),
+        shapes_data_dir,
+        num_epochs=2,
+        val_split="validation[:128]",
+        test_split="test[:100]",
+        warmup_steps=2,
+    )
     experiment = train.create_experiment(config)
     frozen_before = jax.tree.map(np.asarray, experiment.frozen)
     trained_before = jax.tree.map(np.asarray, experiment.state["trained"])

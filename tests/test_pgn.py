@@ -9,7 +9,6 @@ with momentum 0.1 and the unbiased batch variance).
 """
 
 import functools
-import importlib.util
 import math
 import pathlib
 
@@ -200,24 +199,13 @@ def test_released_weights_import_fails_naming_the_problem(monkeypatch):
 
 
 def load_config(arg):
-    spec = importlib.util.spec_from_file_location("pgn_config", ROOT / "configs" / "pgn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return helpers.load_config("pgn.py", arg)
 
 
 def small_config(data_dir, arg):
     """The demo config (the shipped tiny ViT at 32px: 64 patches + CLS, D=64) on sliced splits,
     64 examples per batch, K=4, N=16."""
-    config = load_config(arg)
-    config.dataset.data_dir = str(data_dir)
-    config.dataset.train_split = "train[:256]"
-    config.dataset.val_split = "validation[:128]"
-    config.dataset.test_split = "test[:64]"
-    config.batch_size = 64
-    config.eval_batch_size = 64
-    config.num_epochs = 2
-    config.optim.warmup_steps = 1
+    config = helpers.shrink(load_config(arg), data_dir, num_epochs=2, val_split="validation[:128]")
     config.method.num_tokens = 4
     if "library_size" in config.method:
         config.method.library_size = 16

@@ -16,16 +16,15 @@ def tiny_config(shapes_data_dir):
     """A demo config shrunk to 4 steps per epoch, 2 epochs, on sliced splits."""
 
     def make(file="vp.py", **overrides):
-        config = helpers.load_config(file)
-        config.dataset.data_dir = str(shapes_data_dir)
-        config.dataset.train_split = "train[:256]"
-        config.dataset.val_split = "validation[:128]"
-        config.dataset.test_split = "test[:100]"  # not a multiple of the batch: padding
-        config.batch_size = 64
-        config.eval_batch_size = 64
-        config.num_epochs = 2
+        config = helpers.shrink(
+            helpers.load_config(file),
+            shapes_data_dir,
+            num_epochs=2,
+            val_split="validation[:128]",
+            test_split="test[:100]",  # not a multiple of the batch: padding
+            warmup_steps=2,
+        )
         config.log_every_steps = 2
-        config.optim.warmup_steps = 2
         config.update_from_flattened_dict(overrides)
         return config
 
