@@ -1,8 +1,10 @@
 """Helpers shared by the tests that drive the trainer: config loading, shrinking, a few steps."""
 
+import contextlib
 import importlib.util
 import pathlib
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -55,3 +57,17 @@ def run_steps(experiment, num_steps: int):
 
 def to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
+
+
+@contextlib.contextmanager
+def module_inputs(module_type):
+    """Collects, as numpy, the first argument of every call of a ``module_type`` module."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, module_type) and context.method_name == "__call__":
+            seen.append(np.asarray(args[0]))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        yield seen

@@ -3,7 +3,6 @@ forward pass, for the whole batch, from the rng, at evaluation too), and trainin
 
 import pathlib
 
-import flax.linen as nn
 import helpers
 import jax
 import jax.numpy as jnp
@@ -43,14 +42,7 @@ def setup(prompter):
 
 def backbone_input(method, trained, frozen, x, rng, train=False):
     """The prompted images the backbone receives, and the method's logits."""
-    seen = []
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, vit.VisionTransformer) and context.method_name == "__call__":
-            seen.append(np.asarray(args[0]))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
+    with helpers.module_inputs(vit.VisionTransformer) as seen:
         logits, _ = method.apply(trained, frozen, x, rng=rng, train=train)
     (prompted,) = seen
     return prompted, np.asarray(logits)

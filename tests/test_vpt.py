@@ -5,7 +5,6 @@ import functools
 import math
 import pathlib
 
-import flax.linen as nn
 import helpers
 import jax
 import jax.numpy as jnp
@@ -65,14 +64,7 @@ def recorded(fn):
     tests share shapes, so JAX's per-operation cache makes that cheaper than compiling)."""
 
     def call(*args):
-        seen = []
-
-        def record(next_fun, args, kwargs, context):
-            if isinstance(context.module, vit.Encoder1DBlock) and context.method_name == "__call__":
-                seen.append(np.asarray(args[0]))
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(record):
+        with helpers.module_inputs(vit.Encoder1DBlock) as seen:
             result = fn(*args)
         return np.asarray(result), seen
 
