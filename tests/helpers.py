@@ -55,6 +55,17 @@ def run_steps(experiment, num_steps: int):
     return losses, state
 
 
+def train_with_frozen_backbone(experiment, num_steps: int):
+    """Run ``num_steps`` steps, asserting finite, changing losses and a bit-identical frozen
+    tree; return the trainable tree from before (numpy) and the final state."""
+    frozen_before = to_numpy(experiment.frozen)
+    trained_before = to_numpy(experiment.state["trained"])
+    losses, state = run_steps(experiment, num_steps)
+    assert all(np.isfinite(losses)) and losses[-1] != losses[0]
+    jax.tree.map(np.testing.assert_array_equal, to_numpy(experiment.frozen), frozen_before)
+    return trained_before, state
+
+
 def to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
