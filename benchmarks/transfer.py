@@ -1,12 +1,14 @@
-r"""Transfer table: every method adapting the shipped pretrained tiny ViT to the offline targets.
+r"""Transfer table: every method adapting a shipped pretrained tiny backbone to the offline targets.
 
-The backbone (``jprompt/assets/vit_tiny4_shapes.npz``) was trained from scratch on the
+The backbones (``jprompt/assets/{vit,clip}_tiny4_shapes.npz``) were trained from scratch on the
 ``jprompt_shapes/shapes`` source task (``python -m jprompt.pretrain_demo``). Each method's
-``demo`` config adapts it to each target task of ``jprompt_shapes``; the script prints one row per
-(method, target): trainable parameters, test accuracy (of the best-validation state) and wall
-time of the whole run (compilation included).
+``demo`` config adapts one to each target task of ``jprompt_shapes``; the script prints one row
+per (method, target): trainable parameters, test accuracy (of the best-validation state) and
+wall time of the whole run (compilation included). On the tiny CLIP the methods work through
+its frozen zero-shot head (the linear probe trains a linear one), as in the VP and PGN papers.
 
-    python benchmarks/transfer.py --workdir=/tmp/transfer [--targets=colors,count,textures]
+    python benchmarks/transfer.py --workdir=/tmp/transfer [--targets=colors,count,textures] \
+        [--backbone=clip_tiny4]
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all runs (one subdirectory each).")
 _TARGETS = flags.DEFINE_list("targets", ["colors", "count", "textures"], "jprompt_shapes configs.")
 _METHODS = flags.DEFINE_list("methods", None, "Subset of the rows' labels (default: all).")
+_BACKBONE = flags.DEFINE_enum("backbone", "vit_tiny4", ["vit_tiny4", "clip_tiny4"], "Backbone.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +50,12 @@ ROWS = (
 )
 
 
-def load_config(row: Row, target: str):
+def load_config(row: Row, target: str, backbone: str):
     path = ROOT / "configs" / row.config_file
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(row.arg)
+    config = module.get_config(f"{row.arg},backbone={backbone}")
     config.dataset.name = f"jprompt_shapes/{target}"
     return config
 
@@ -63,13 +66,15 @@ def main(argv):
     table = []
     for target in _TARGETS.value:
         for row in rows:
-            workdir = pathlib.Path(_WORKDIR.value) / f"{target}-{row.label.replace(' ', '_')}"
+            label = row.label.replace(" ", "_")
+            workdir = pathlib.Path(_WORKDIR.value) / _BACKBONE.value / f"{target}-{label}"
             timing = workdir / "wall_seconds.json"
             # A finished run found in the workdir is reused: its time is known only if this
             # script trained it (the time of merely reloading its results would mean nothing).
             trained_here = not (workdir / "results.json").exists()
             start = time.perf_counter()
-            results = train.train_and_evaluate(load_config(row, target), str(workdir))
+            config = load_config(row, target, _BACKBONE.value)
+            results = train.train_and_evaluate(config, str(workdir))
             if trained_here:
                 timing.write_text(json.dumps(time.perf_counter() - start))
             seconds = json.loads(timing.read_text()) if timing.exists() else None
@@ -82,7 +87,9 @@ def main(argv):
                     seconds=seconds,
                 )
             )
-    (pathlib.Path(_WORKDIR.value) / "transfer.json").write_text(json.dumps(table, indent=2))
+    (pathlib.Path(_WORKDIR.value) / f"transfer_{_BACKBONE.value}.json").write_text(
+        json.dumps(table, indent=2)
+    )
     print("\n| target | method | trainable params | test accuracy | wall time (s) |")
     print("|---|---|---:|---:|---:|")
     for r in table:

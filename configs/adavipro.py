@@ -5,7 +5,9 @@ r"""AdaViPro: a VP frame applied per region where a learned Gumbel mask says so 
         --workdir=/tmp/adavipro_cifar100
 
 Args (comma-separated after the file name):
-  backbone=NAME    a ViT from jprompt.models.vit.NAMES (default vit_b16, the augreg IN-21k file)
+  backbone=NAME    a backbone from jprompt.models.backbones.NAMES (default vit_b16, the augreg
+                   IN-21k file; clip_b32 for the VP paper's CLIP setting)
+  head=NAME        linear or zeroshot (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME     a tfds dataset name (default cifar100)
   prompt_size=P    width of the VP frame in pixels (default 30 at 224px; 4 in the demo)
   region_size=S    side of a mask region in pixels, must divide the image size (default 32:
@@ -32,6 +34,7 @@ def get_config(arg=None):
     args = config_lib.parse_arg(
         arg,
         backbone="vit_b16",
+        head="",
         dataset="cifar100",
         prompt_size=30,
         region_size=32,

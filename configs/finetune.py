@@ -4,7 +4,9 @@ r"""Full fine-tuning: every backbone parameter and a new linear head train.
     python -m jprompt.main --config=configs/finetune.py:backbone=vit_b16,dataset=cifar100 \
         --workdir=/tmp/finetune_cifar100
 
-Args: backbone=NAME (default vit_b16), dataset=NAME (default cifar100), demo (offline tiny run).
+Args: backbone=NAME (default vit_b16; any of jprompt.models.backbones.NAMES), head=linear|zeroshot
+(default: zeroshot on CLIP, which then stays frozen, linear on ViT), dataset=NAME (default
+cifar100), demo (offline tiny run).
 
 Recipe of vit_jax's fine-tuning: SGD momentum 0.9, lr 0.01, no weight decay, global-norm gradient
 clipping at 1, 500 warmup steps then cosine, batch 512, 10 epochs here.
@@ -14,7 +16,7 @@ from jprompt import config_lib
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, backbone="vit_b16", dataset="cifar100", demo=False)
+    args = config_lib.parse_arg(arg, backbone="vit_b16", head="", dataset="cifar100", demo=False)
     config = config_lib.config_for_args(args)
     config.method.name = "finetune"
     config.method.head_init = "zeros"

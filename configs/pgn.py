@@ -1,25 +1,30 @@
-r"""PGN: a prompt generation network on a frozen ViT (Loedeman et al. 2022/2024).
+r"""PGN: a prompt generation network on a frozen backbone (Loedeman et al. 2022/2024).
 
     python -m jprompt.main --config=configs/pgn.py:demo --workdir=/tmp/pgn_demo
+    python -m jprompt.main --config=configs/pgn.py:dataset=cifar10 --workdir=/tmp/pgn_cifar10
     python -m jprompt.main --config=configs/pgn.py:backbone=vit_b32,dataset=cifar100 \
-        --workdir=/tmp/pgn_cifar100
-    python -m jprompt.main --config=configs/pgn.py:dataset=cifar10,library_size=256 \
-        --workdir=/tmp/pgn_cifar10
+        --workdir=/tmp/pgn_vit_cifar100
     python -m jprompt.main --config=configs/pgn.py:demo,baseline --workdir=/tmp/tokens_demo
 
 Args (comma-separated after the file name):
-  backbone=NAME     a ViT from jprompt.models.vit.NAMES (default vit_b32, the augreg IN-21k file;
-                    the paper's supervised setting is torchvision's IN-1k ViT-B/32). The paper's
-                    CLIP ViT-B/32 setting (frozen zero-shot text head, N=256) comes with the CLIP
-                    backbone.
+  backbone=NAME     a backbone from jprompt.models.backbones.NAMES. Default clip_b32, the paper's
+                    main setting: CLIP ViT-B/32 with its frozen zero-shot text head, only the PGN
+                    trains (convert OpenAI's ViT-B-32.pt once with python -m jprompt.convert_clip
+                    into ~/jprompt_models/clip_b32.npz). A ViT (e.g. vit_b32, the augreg IN-21k
+                    file; the paper's supervised setting is torchvision's IN-1k ViT-B/32) gets a
+                    linear head that trains next to the PGN.
+  head=NAME         zeroshot or linear (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME      a tfds dataset name (default cifar100)
   num_tokens=K      prompt tokens generated per image (default 16)
-  library_size=N    rows of the token library (default 128, the released ViT-B/32 size; with
-                    K=16 and D=768 that is 669,808 trainable PGN parameters, the head aside)
+  library_size=N    rows of the token library (default: 256 on CLIP, 128 on ViT, the released
+                    sizes; with K=16 and D=768 that is 1,032,304 and 669,808 trainable PGN
+                    parameters, a linear head aside)
   baseline          train the paper's input-independent baseline instead ("prompt_tokens": K
                     learned tokens appended at the end, no generator), same recipe
-  demo              offline: the shipped tiny ViT pretrained on jprompt_shapes/shapes, adapted
-                    to jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
+  demo              offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes (the
+                    tiny CLIP by default, the tiny ViT with backbone=vit_*), adapted to
+                    jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
+                    ViT figures:
                     Measured on 2 CPU cores shared with other jobs: 85 s wall (60 s user CPU),
                     test accuracy 0.915 with seed 0; ``demo,baseline`` (8 input-independent
                     tokens) reaches 0.811 in 43 s
@@ -37,6 +42,8 @@ so few epochs a per-epoch schedule would spend the whole first epoch at lr 0).
 
 from jprompt import config_lib
 
+RELEASED_LIBRARY_SIZE_CLIP = 256
+RELEASED_LIBRARY_SIZE_VIT = 128
 DEMO_NUM_TOKENS = 8
 DEMO_LIBRARY_SIZE = 32
 DEMO_EPOCHS = 5
@@ -47,10 +54,11 @@ DEMO_WARMUP_STEPS = 20
 def get_config(arg=None):
     args = config_lib.parse_arg(
         arg,
-        backbone="vit_b32",
+        backbone="clip_b32",
+        head="",
         dataset="cifar100",
         num_tokens=16,
-        library_size=128,
+        library_size=0,
         baseline=False,
         demo=False,
     )
@@ -58,7 +66,12 @@ def get_config(arg=None):
     config.method.name = "prompt_tokens" if args.baseline else "pgn"
     config.method.num_tokens = args.num_tokens
     if not args.baseline:
-        config.method.library_size = args.library_size
+        released = (
+            RELEASED_LIBRARY_SIZE_CLIP
+            if config_lib.is_clip(args.backbone)
+            else RELEASED_LIBRARY_SIZE_VIT
+        )
+        config.method.library_size = args.library_size or released
     config.method.head_init = "zeros"
     config.input.flip = True
 
@@ -74,7 +87,7 @@ def get_config(arg=None):
     if args.demo:
         if args.num_tokens == 16:
             config.method.num_tokens = DEMO_NUM_TOKENS
-        if not args.baseline and args.library_size == 128:
+        if not args.baseline and not args.library_size:
             config.method.library_size = DEMO_LIBRARY_SIZE
         config.optim.lr = DEMO_LR
         config.optim.warmup_epochs = 0

@@ -2,11 +2,17 @@ r"""VP: a learned pixel frame on a frozen backbone (Bahng et al. 2022).
 
     python -m jprompt.main --config=configs/vp.py:demo --workdir=/tmp/vp_demo
     python -m jprompt.main --config=configs/vp.py:demo,prompter=random_patch --workdir=/tmp/vp_rp
+    python -m jprompt.main --config=configs/vp.py --workdir=/tmp/vp_cifar100
     python -m jprompt.main --config=configs/vp.py:backbone=vit_b16,dataset=cifar100 \
-        --workdir=/tmp/vp_cifar100
+        --workdir=/tmp/vp_vit_cifar100
 
 Args (comma-separated after the file name):
-  backbone=NAME   a ViT from jprompt.models.vit.NAMES (default vit_b16, the augreg IN-21k file)
+  backbone=NAME   a backbone from jprompt.models.backbones.NAMES. Default clip_b32, the paper's
+                  setting: CLIP ViT-B/32 with its frozen zero-shot text head (convert OpenAI's
+                  ViT-B-32.pt once with python -m jprompt.convert_clip into
+                  ~/jprompt_models/clip_b32.npz). A ViT (e.g. vit_b16, the augreg IN-21k file)
+                  gets a linear head that trains next to the prompt.
+  head=NAME       zeroshot or linear (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME    a tfds dataset name (default cifar100)
   prompt_size=P   width of the frame, or side of the patch, in pixels (default 30 at 224px)
   prompter=NAME   padding (default: the frame), fixed_patch (one P x P patch at the top-left
@@ -29,7 +35,8 @@ from jprompt.methods.vp import PROMPTERS
 def get_config(arg=None):
     args = config_lib.parse_arg(
         arg,
-        backbone="vit_b16",
+        backbone="clip_b32",
+        head="",
         dataset="cifar100",
         prompt_size=30,
         prompter="padding",
@@ -44,7 +51,7 @@ def get_config(arg=None):
     config.method.head_init = "zeros"
 
     config.optim.lr = 40.0
-    config.optim.lr_by_path = (("head/.*", 0.1),)
+    config.optim.lr_by_path = (("head/.*", 0.1),)  # a linear head, when there is one
     config.optim.warmup_steps = 1000
     config.num_epochs = 1000
     if args.demo:

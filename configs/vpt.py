@@ -10,7 +10,10 @@ r"""VPT: learned prompt tokens in a frozen ViT, shallow or deep (Jia et al. 2022
 Args (comma-separated after the file name):
   deep            VPT-deep: a fresh set of tokens before every layer (default: shallow)
   num_tokens=P    prompt tokens per layer (default 10); P >= 100 halves the batch to 64
-  backbone=NAME   a ViT from jprompt.models.vit.NAMES (default vit_b16, the augreg IN-21k file)
+  backbone=NAME   a backbone from jprompt.models.backbones.NAMES (default vit_b16, the augreg
+                  IN-21k file); on a CLIP backbone the tokens follow the class token and
+                  enter before ln_pre
+  head=NAME       linear or zeroshot (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME    a tfds dataset name (default cifar100)
   demo            offline: the shipped tiny ViT pretrained on jprompt_shapes/shapes, adapted to
                   jprompt_shapes/colors at 32px (8 classes, chance 0.125) in about a minute on 2
@@ -47,7 +50,13 @@ DEMO_WARMUP_STEPS = 20
 
 def get_config(arg=None):
     args = config_lib.parse_arg(
-        arg, backbone="vit_b16", dataset="cifar100", num_tokens=10, deep=False, demo=False
+        arg,
+        backbone="vit_b16",
+        head="",
+        dataset="cifar100",
+        num_tokens=10,
+        deep=False,
+        demo=False,
     )
     config = config_lib.config_for_args(args)
     config.method.name = "vpt"

@@ -37,13 +37,29 @@ CHECKPOINTS = {
     "vit_l16": AUGREG + "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
 }
 
-# The offline demo: a tiny ViT pretrained on the procedural ``shapes`` task (shipped with the
-# package, made by ``python -m jprompt.pretrain_demo``) adapted to the ``colors`` task, which its
-# colour-invariant shape features do not solve on their own.
+# CLIP weights are not published as .npz: convert a downloaded file once with
+# ``python -m jprompt.convert_clip`` into this directory (or point backbone.checkpoint elsewhere).
+CLIP_CHECKPOINT_DIR = "~/jprompt_models"
+CLIP_FILES = {"clip_b32": "ViT-B-32.pt", "clip_b16": "ViT-B-16.pt", "clip_l14": "ViT-L-14.pt"}
+CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in CLIP_FILES})
+
+# The offline demos: tiny backbones pretrained on the procedural ``shapes`` task (shipped with
+# the package, made by ``python -m jprompt.pretrain_demo``) adapted to the ``colors`` task, which
+# their colour-invariant shape features do not solve on their own. ``backbone=clip_*`` with
+# ``demo`` selects the tiny CLIP, any other backbone the tiny ViT.
 DEMO_BACKBONE = "vit_tiny4"
+DEMO_CLIP_BACKBONE = "clip_tiny4"
 DEMO_IMAGE_SIZE = 32
 DEMO_DATASET = "jprompt_shapes/colors"
-DEMO_CHECKPOINT = str(importlib.resources.files("jprompt") / "assets" / "vit_tiny4_shapes.npz")
+_ASSETS = importlib.resources.files("jprompt") / "assets"
+DEMO_CHECKPOINTS = {
+    DEMO_BACKBONE: str(_ASSETS / "vit_tiny4_shapes.npz"),
+    DEMO_CLIP_BACKBONE: str(_ASSETS / "clip_tiny4_shapes.npz"),
+}
+
+
+def is_clip(backbone: str) -> bool:
+    return backbone.startswith("clip_")
 
 
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
@@ -117,13 +133,21 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     config.backbone = ConfigDict(
         dict(
             name=backbone,
-            checkpoint=DEMO_CHECKPOINT if demo else CHECKPOINTS.get(backbone, ""),
+            checkpoint=DEMO_CHECKPOINTS[backbone] if demo else CHECKPOINTS.get(backbone, ""),
             pool="tok",
             dropout_rate=0.0,
             representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
         )
     )
     config.method = ConfigDict()
+    config.head = ConfigDict(
+        dict(
+            # linear (trains) | zeroshot (CLIP's frozen text classifier, the CLIP default)
+            name="zeroshot" if is_clip(backbone) else "linear",
+            class_names=(),  # zeroshot: () = the dataset's own class names
+            templates=(),  # zeroshot: () = the dataset's templates (jprompt.zeroshot)
+        )
+    )
     config.optim = ConfigDict(
         dict(
             name="sgd",  # sgd | adamw
@@ -150,12 +174,16 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
 
 
 def config_for_args(args: ConfigDict) -> ConfigDict:
-    """``base_config`` for parsed ``backbone``/``dataset``/``demo`` args; ``demo`` swaps in the
-    offline demo's backbone and dataset whatever ``backbone=``/``dataset=`` said."""
+    """``base_config`` for parsed ``backbone``/``dataset``/``demo`` (and optional ``head``) args;
+    ``demo`` swaps in the offline demo's dataset and tiny backbone (CLIP for a CLIP
+    ``backbone=``, else ViT)."""
     if args.demo:
-        args.backbone = DEMO_BACKBONE
+        args.backbone = DEMO_CLIP_BACKBONE if is_clip(args.backbone) else DEMO_BACKBONE
         args.dataset = DEMO_DATASET
-    return base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config = base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    if args.get("head"):
+        config.head.name = args.head
+    return config
 
 
 def lock(config: ConfigDict) -> ConfigDict:

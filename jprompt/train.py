@@ -21,7 +21,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import ConfigDict
 
-from jprompt import checkpoint, config_lib, methods, optim, sharding, visualize
+from jprompt import checkpoint, config_lib, methods, optim, sharding, visualize, zeroshot
 from jprompt.data import pipeline
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.evaluate import evaluate, make_eval_step
@@ -161,6 +161,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         config.method.name,
         backbone=backbone,
         num_classes=train_info.num_classes,
+        zeroshot=build_zeroshot_head(config, backbone, train_info.class_names),
         **method_options,
     )
     trained, frozen = method.init(init_rng, backbone_params)
@@ -199,6 +200,23 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             out_shardings=(replicated, replicated),
         ),
         eval_step=jax.jit(make_eval_step(method), out_shardings=replicated),
+    )
+
+
+HEADS = ("linear", "zeroshot")
+
+
+def build_zeroshot_head(config: ConfigDict, backbone, class_names):
+    """The frozen zero-shot head when ``config.head.name == "zeroshot"``, else None."""
+    if config.head.name not in HEADS:
+        raise ValueError(f"unknown head {config.head.name!r}; valid choices: {HEADS}")
+    if config.head.name == "linear":
+        return None
+    return zeroshot.build_head(
+        backbone.text,
+        config.head.class_names or class_names,
+        config.head.templates or zeroshot.templates_for(config.dataset.name),
+        backbone_name=backbone.name,
     )
 
 
@@ -279,6 +297,8 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
         logging.info("Resumed from the checkpoint at step %d", int(state["step"]))
     start_step = int(state["step"])
     total = experiment.total_steps
+    if total == 0:
+        return _evaluate_untrained(experiment, state, workdir, writer, is_main)
     if start_step >= total and results_path.exists():
         logging.info("Training already complete; results in %s", results_path)
         return json.loads(results_path.read_text())
@@ -335,21 +355,34 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
     checkpoints.wait()
     best_step, best_val = checkpoints.best_metrics()
     best_trained = checkpoints.restore_best(checkpoint.abstract_like(state["trained"], replicated))
+    return _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main)
+
+
+def _evaluate_untrained(experiment, state, workdir, writer, is_main) -> dict:
+    """``num_epochs=0`` (zero-shot evaluation): the initial state is the result."""
+    logging.info("num_epochs=0: evaluating %s without training", experiment.config.method.name)
+    val = experiment.evaluate(state["trained"], experiment.config.dataset.val_split)
+    return _finish(experiment, state, state["trained"], 0, val, workdir, writer, is_main)
+
+
+def _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main):
+    """Evaluate the selected state on the test split and write ``results.json``."""
+    config = experiment.config
     test = experiment.evaluate(best_trained, config.dataset.test_split)
     results = {
         "method": config.method.name,
         "backbone": config.backbone.name,
         "dataset": config.dataset.name,
-        "total_steps": total,
+        "total_steps": experiment.total_steps,
         "best_step": best_step,
         "val": best_val,
         "test": test,
         "trainable_params": _count(state["trained"]["params"]),
         "frozen_params": _count(experiment.frozen),
     }
-    writer.write_scalars(total, {f"test_{k}": v for k, v in test.items()})
+    writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
     if is_main:
-        results_path.write_text(json.dumps(results, indent=2))
+        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
     return results
 

@@ -48,7 +48,7 @@ def small():
     )
     # The shipped demo backbone: real pretrained weights, loaded without any compilation.
     backbone_params = vit_checkpoint.load_pretrained(
-        config_lib.DEMO_CHECKPOINT, method.backbone.module, image_size=32
+        config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE], method.backbone.module, image_size=32
     )
     trained, frozen = jax.jit(method.init)(jax.random.PRNGKey(2), backbone_params)
     images = jax.random.uniform(jax.random.PRNGKey(3), (6, 32, 32, 3), minval=-1, maxval=1)

@@ -7,11 +7,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jprompt import config_lib, methods, optim
-from jprompt.methods.heads import HEAD_INITS
-from jprompt.models import backbones
+from jprompt.methods.heads import HEAD_INITS, ZeroShotHead
+from jprompt.models import backbones, clip
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,9 @@ DOCUMENTED_ARGS = {
         "demo,prompt_size=6",
         "prompter=fixed_patch",
         "demo,prompter=random_patch",
+        "backbone=vit_b16",
+        "demo,backbone=vit_b16",
+        "head=linear",
     ],
     "vpt.py": [
         "",
@@ -36,6 +40,9 @@ DOCUMENTED_ARGS = {
         "deep,num_tokens=50,dataset=dtd",
         "backbone=vit_s16",
         "dataset=cifar10",
+        "backbone=clip_b32",
+        "demo,backbone=clip_b32,deep",
+        "backbone=clip_b16,head=linear",
     ],
     "adavipro.py": [
         "",
@@ -45,6 +52,8 @@ DOCUMENTED_ARGS = {
         "prompt_size=20",
         "region_size=16",
         "demo,prompt_size=6",
+        "backbone=clip_b32",
+        "demo,backbone=clip_b32",
     ],
     "pgn.py": [
         "",
@@ -56,10 +65,14 @@ DOCUMENTED_ARGS = {
         "baseline",
         "demo,baseline",
         "demo,num_tokens=4,library_size=64",
+        "backbone=vit_b32",
+        "demo,backbone=vit_b32",
+        "head=linear",
     ],
-    "linear_probe.py": ["", "demo", "backbone=vit_s16", "dataset=cifar10"],
-    "finetune.py": ["", "demo", "backbone=vit_ti16", "dataset=cifar10"],
-    "pretrain_tiny.py": ["", "epochs=3"],
+    "linear_probe.py": ["", "demo", "backbone=vit_s16", "dataset=cifar10", "backbone=clip_b32"],
+    "finetune.py": ["", "demo", "backbone=vit_ti16", "dataset=cifar10", "backbone=clip_b32"],
+    "pretrain_tiny.py": ["", "epochs=3", "backbone=clip_tiny4"],
+    "zeroshot.py": ["", "demo", "backbone=clip_l14", "dataset=cifar10"],
 }
 
 
@@ -81,21 +94,28 @@ def test_config_builds_method_and_optimizer(file, arg):
     assert module_config.name in backbones.NAMES
     assert config.method.name in methods.METHODS
     assert config.method.get("head_init", "zeros") in HEAD_INITS
+    is_clip = module_config.name in clip.NAMES
+    if is_clip:  # a zero-shot head by default; the linear probe always trains a linear one
+        linear = "head=linear" in arg or file == "linear_probe.py"
+        assert config.head.name == ("linear" if linear else "zeroshot")
     if file == "pretrain_tiny.py":  # the one config that trains a backbone from scratch
         assert config.backbone.checkpoint == ""
     elif "demo" in arg:
         assert config.dataset.name.startswith("jprompt_shapes/")
-        assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINT
+        assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINTS[module_config.name]
+    elif is_clip:
+        assert config.backbone.checkpoint == f"~/jprompt_models/{module_config.name}.npz"
     else:
         assert config.backbone.checkpoint.startswith("gs://vit_models/augreg/")
     # Build the real method on the real backbone module, abstractly (no weights allocated).
-    backbone = backbones.Backbone(
-        module_config.name,
-        backbones.vit.create(module_config.name, num_classes=0, pool=module_config.pool),
-        config.input.image_size,
-        backbones.VIT_NORMALIZATION,
-    )
+    if is_clip:
+        module = clip.image_tower(module_config.name)
+    else:
+        module = backbones.vit.create(module_config.name, num_classes=0, pool=module_config.pool)
+    backbone = backbones.Backbone(module_config.name, module, config.input.image_size, "x")
     options = {k: v for k, v in config.method.items() if k != "name"}
+    if config.head.name == "zeroshot":
+        options["zeroshot"] = ZeroShotHead(np.eye(10, module.feature_dim), logit_scale=4.6)
     method = methods.build(config.method.name, backbone=backbone, num_classes=10, **options)
     size = config.input.image_size
     backbone_params = jax.eval_shape(

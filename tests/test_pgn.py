@@ -247,12 +247,12 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def pgn_setup(shapes_data_dir):
-    return Setup(small_config(shapes_data_dir, "demo"))
+    return Setup(small_config(shapes_data_dir, "demo,backbone=vit_b32"))
 
 
 @pytest.fixture(scope="module")
 def tokens_setup(shapes_data_dir):
-    return Setup(small_config(shapes_data_dir, "demo,baseline"))
+    return Setup(small_config(shapes_data_dir, "demo,baseline,backbone=vit_b32"))
 
 
 def test_initialisation_follows_the_official_code(pgn_setup):

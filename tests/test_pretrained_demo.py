@@ -10,10 +10,12 @@ from jprompt.models import backbones, vit, vit_checkpoint
 
 
 def test_shipped_backbone_classifies_its_source_task(shapes_data_dir):
-    flat = np.load(config_lib.DEMO_CHECKPOINT)
+    flat = np.load(config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE])
     assert flat["head/kernel"].shape == (64, 10)  # the source task's 10 shape classes
     model = vit.create(config_lib.DEMO_BACKBONE, num_classes=10)
-    params = vit_checkpoint.load_pretrained(config_lib.DEMO_CHECKPOINT, model, image_size=32)
+    params = vit_checkpoint.load_pretrained(
+        config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE], model, image_size=32
+    )
     spec = PreprocessSpec(32, normalization=backbones.VIT_NORMALIZATION)
     batches = pipeline.eval_iterator(
         "jprompt_shapes/shapes",

@@ -220,3 +220,51 @@ def test_non_state_dict_contents_fail_clearly(tmp_path):
     path = write_archive(tmp_path / "int.pt", pickle.dumps({"epoch": 3}, protocol=2), {})
     with pytest.raises(TorchCheckpointError, match=r"not tensors: \['epoch'\]"):
         load_state_dict(path)
+
+
+# ``tiny_script/data.pkl`` written by torch 2.13.0's ``torch.jit.save(torch.jit.script(m))`` for
+#   class Tiny(nn.Module):  # scripted, so saved as the TorchScript class __torch__.Tiny
+#       proj = Parameter(arange(6.).reshape(2, 3).t())          (3, 2), stride (1, 3)
+#       blocks = nn.Sequential(nn.LayerNorm(2))                 weight [0.5, -1], bias [0.25, 3]
+#       input_resolution = buffer tensor(224);  scale = 2.0 (a float attribute)
+# Storages: data/0 float32[6], data/1 int64[1], data/2 float32[2], data/3 float32[2].
+SCRIPT_DATA_PKL = bytes.fromhex(
+    "8002635f5f746f7263685f5f0a54696e790a710029817d28580400000070726f6a710163746f7263682e5f7574"
+    "696c730a5f72656275696c645f74656e736f725f76320a71022828580700000073746f72616765710363746f72"
+    "63680a466c6f617453746f726167650a71045801000000307105580300000063707571064b06745171074b0028"
+    "4b034b0274284b014b03748863636f6c6c656374696f6e730a4f726465726564446963740a7108295274527109"
+    "5810000000696e7075745f7265736f6c7574696f6e710a68022828680363746f7263680a4c6f6e6753746f7261"
+    "67650a710b580100000031710c68064b017451710d4b002874287489680829527452710e5808000000747261696e"
+    "696e67710f8858160000005f69735f66756c6c5f6261636b776172645f686f6f6b71104e58050000007363616c"
+    "6571114740000000000000005806000000626c6f636b737112635f5f746f7263685f5f2e746f7263682e6e6e2e"
+    "6d6f64756c65732e636f6e7461696e65720a53657175656e7469616c0a711329817d28680f8868104e6805635f"
+    "5f746f7263685f5f2e746f7263682e6e6e2e6d6f64756c65732e6e6f726d616c697a6174696f6e0a4c61796572"
+    "4e6f726d0a711429817d28580600000077656967687471156802282868036804580100000032711668064b0274"
+    "5171174b00284b0274284b017488680829527452711858040000006269617371196802282868036804580100000"
+    "033711a68064b027451711b4b00284b0274284b017488680829527452711c680f8868104e7562711d7562711e75"
+    "62711f2e"
+)
+
+
+def test_reads_torchscript_archives_without_running_their_code(tmp_path):
+    """``torch.jit.load(...).state_dict()`` of the archive above, from data.pkl alone."""
+    storage_bytes = {
+        "0": np.arange(6, dtype="<f4").tobytes(),
+        "1": np.array([224], "<i8").tobytes(),
+        "2": np.array([0.5, -1.0], "<f4").tobytes(),
+        "3": np.array([0.25, 3.0], "<f4").tobytes(),
+    }
+    path = write_archive(tmp_path / "tiny.pt", SCRIPT_DATA_PKL, storage_bytes, prefix="tiny_script")
+    with zipfile.ZipFile(path, "a") as archive:  # the compiled code torch would run; never read
+        archive.writestr("tiny_script/code/__torch__.py", "raise SystemExit('code was run')\n")
+        archive.writestr("tiny_script/constants.pkl", pickle.dumps((), protocol=2))
+
+    module = torch_checkpoint.load(path)
+    assert isinstance(module, torch_checkpoint.ScriptObject)
+    assert module.state["scale"] == 2.0 and module.state["training"] is True
+    loaded = load_state_dict(path)
+    assert list(loaded) == ["proj", "input_resolution", "blocks.0.weight", "blocks.0.bias"]
+    np.testing.assert_array_equal(loaded["proj"], np.arange(6, dtype=np.float32).reshape(2, 3).T)
+    assert loaded["input_resolution"].dtype == np.int64 and int(loaded["input_resolution"]) == 224
+    np.testing.assert_array_equal(loaded["blocks.0.weight"], np.float32([0.5, -1.0]))
+    np.testing.assert_array_equal(loaded["blocks.0.bias"], np.float32([0.25, 3.0]))

@@ -154,7 +154,7 @@ def test_shallow_tokens_enter_after_cls_without_position_embedding():
     backbone = make_backbone()
     # The shipped pretrained tiny ViT: a trained (non-zero) CLS token and position embedding.
     params = vit_checkpoint.load_pretrained(
-        config_lib.DEMO_CHECKPOINT, backbone.module, image_size=32
+        config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE], backbone.module, image_size=32
     )
     assert np.abs(params["Transformer"]["posembed_input"]["pos_embedding"]).max() > 0.01
     method = build(backbone, num_tokens=P)
@@ -384,7 +384,10 @@ def test_recipe_of_the_full_config():
     assert deep.method.deep and deep.method.dropout == 0.1 and deep.method.num_tokens == 100
     assert deep.batch_size == 64 and deep.optim.lr == pytest.approx(0.25 * 64 / 256)
     demo = load_config("demo,deep")
-    assert demo.backbone.checkpoint == config_lib.DEMO_CHECKPOINT and demo.num_epochs == 5
+    assert (
+        demo.backbone.checkpoint == config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE]
+        and demo.num_epochs == 5
+    )
     assert demo.method.head_init == "zeros" and demo.method.dropout == 0.1
 
 

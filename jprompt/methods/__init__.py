@@ -5,7 +5,7 @@ import dataclasses
 from jprompt.methods.adavipro import AdaViPro
 from jprompt.methods.base import Method
 from jprompt.methods.finetune import FineTune
-from jprompt.methods.linear import LinearProbe
+from jprompt.methods.linear import LinearProbe, ZeroShot
 from jprompt.methods.pgn import LearnedTokens, PromptGenerationNetwork
 from jprompt.methods.vp import VisualPrompt
 from jprompt.methods.vpt import VisualPromptTuning
@@ -18,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "prompt_tokens": LearnedTokens,
     "adavipro": AdaViPro,
     "vpt": VisualPromptTuning,
+    "zeroshot": ZeroShot,
 }
 
 

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jprompt.methods import gumbel, heads, vp
+from jprompt.methods import gumbel, vp
 from jprompt.methods.base import Method
 
 EDGE_INPUTS = ("gray", "rgb")
@@ -131,7 +131,6 @@ class AdaViPro(Method):
     hard: bool = True
     tau0: float = 5.0
     tau_decay: float = 0.98
-    head_init: str = "zeros"
 
     def __post_init__(self):
         if self.edge_input not in EDGE_INPUTS:
@@ -161,6 +160,7 @@ class AdaViPro(Method):
         size = self.backbone.image_size
         self._check_image_size(size)
         template_rng, mask_rng, head_rng = jax.random.split(rng, 3)
+        head, head_frozen = self.init_head(head_rng)
         channels = 1 if self.edge_input == "gray" else 3
         dummy = jnp.zeros((1, size, size, channels), jnp.float32)
         trained = {
@@ -168,11 +168,9 @@ class AdaViPro(Method):
                 "template": vp.init_padding(template_rng, size, self.prompt_size),
                 "mask_generator": self.mask_generator.init(mask_rng, dummy)["params"],
             },
-            "head": heads.init_linear_head(
-                head_rng, self.backbone.feature_dim, self.num_classes, self.head_init
-            ),
+            **head,
         }
-        return {"params": trained}, {"backbone": backbone_params}
+        return {"params": trained}, {"backbone": backbone_params, **head_frozen}
 
     def mask_logits(self, mask_params: dict, images: jax.Array) -> jax.Array:
         """``(B, R, R, 2)`` logits (index 1: apply the prompt) from the normalized images."""
@@ -212,4 +210,4 @@ class AdaViPro(Method):
         prompted, info = self.prompt(params["prompter"], images, rng=rng, train=train, epoch=epoch)
         # The backbone itself runs in inference mode, as in VP.
         features, out = self.backbone.features(frozen["backbone"], prompted)
-        return heads.apply_linear_head(params["head"], features), {**out, **info}
+        return self.head_logits(params, frozen, features), {**out, **info}

@@ -13,6 +13,11 @@ computed. ``aux`` may hold ``"mutable"``: updated non-parameter collections (Bat
 statistics) that the trainer writes back into ``trained``. Randomness comes only from ``rng``.
 ``epoch`` (a scalar array, the 0-based epoch of the current step while training, 0 at
 evaluation) lets methods follow per-epoch schedules such as AdaViPro's Gumbel temperature.
+
+Heads: every method ends in the same head, chosen when the method is built. By default a linear
+head (initialised by ``head_init``) trains next to the method, in ``trained["params"]["head"]``;
+given ``zeroshot`` (a CLIP text classifier) the head is frozen instead, in
+``frozen["zeroshot_head"]``, as in the VP and PGN papers' CLIP setting.
 """
 
 import abc
@@ -20,6 +25,7 @@ import dataclasses
 
 import jax
 
+from jprompt.methods import heads
 from jprompt.models.backbones import Backbone
 
 
@@ -29,6 +35,27 @@ class Method(abc.ABC):
 
     backbone: Backbone
     num_classes: int
+    head_init: str = "zeros"
+    zeroshot: heads.ZeroShotHead | None = None
+
+    def init_head(self, rng: jax.Array) -> tuple[dict, dict]:
+        """``(trainable, frozen)`` entries for the head, to merge into the method's trees."""
+        if self.zeroshot is None:
+            head = heads.init_linear_head(
+                rng, self.backbone.feature_dim, self.num_classes, self.head_init
+            )
+            return {"head": head}, {}
+        if self.zeroshot.num_classes != self.num_classes:
+            raise ValueError(
+                f"the zero-shot head has {self.zeroshot.num_classes} classes but the dataset "
+                f"has {self.num_classes}"
+            )
+        return {}, {"zeroshot_head": self.zeroshot.variables()}
+
+    def head_logits(self, params: dict, frozen: dict, features: jax.Array) -> jax.Array:
+        if self.zeroshot is None:
+            return heads.apply_linear_head(params["head"], features)
+        return heads.apply_zeroshot_head(frozen["zeroshot_head"], features)
 
     @abc.abstractmethod
     def init(self, rng: jax.Array, backbone_params: dict) -> tuple[dict, dict]:

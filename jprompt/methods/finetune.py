@@ -1,23 +1,18 @@
-"""Full fine-tuning: every backbone parameter and a new head train; nothing is frozen."""
+"""Full fine-tuning: every backbone parameter and the head train (a zero-shot head stays fixed)."""
 
 import dataclasses
 
-from jprompt.methods import heads
 from jprompt.methods.base import Method
 
 
 @dataclasses.dataclass(frozen=True)
 class FineTune(Method):
-    head_init: str = "zeros"
-
     def init(self, rng, backbone_params):
-        head = heads.init_linear_head(
-            rng, self.backbone.feature_dim, self.num_classes, self.head_init
-        )
-        return {"params": {"backbone": backbone_params, "head": head}}, {}
+        head, head_frozen = self.init_head(rng)
+        return {"params": {"backbone": backbone_params, **head}}, head_frozen
 
     def apply(self, trained, frozen, images, *, rng, train, epoch=0):
-        del frozen, epoch
+        del epoch
         params = trained["params"]
         features, out = self.backbone.features(params["backbone"], images, rng=rng, train=train)
-        return heads.apply_linear_head(params["head"], features), out
+        return self.head_logits(params, frozen, features), out

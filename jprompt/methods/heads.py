@@ -1,9 +1,17 @@
-"""Linear classification heads on backbone features, as plain functions of a params dict."""
+"""Classification heads on backbone features, as plain functions of their parameters.
 
+- Linear: ``{"kernel": (F, C), "bias": (C,)}``, trained with the method.
+- Zero-shot (CLIP): ``{"class_embeddings": (C, E), "logit_scale": ()}`` computed once from the
+  text tower (``jprompt.zeroshot``) and kept frozen; logits are ``exp(logit_scale)`` times the
+  cosine between the image features and each class embedding, as in the VP and PGN code.
+"""
+
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HEAD_INITS = ("zeros", "vpt")
 
@@ -29,3 +37,27 @@ def init_linear_head(rng, in_features: int, num_classes: int, kind: str = "zeros
 
 def apply_linear_head(params: dict, features: jax.Array) -> jax.Array:
     return features @ params["kernel"].astype(features.dtype) + params["bias"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZeroShotHead:
+    """A frozen CLIP text classifier: unit-norm class embeddings and CLIP's logit scale."""
+
+    class_embeddings: np.ndarray  # (C, E), rows of unit L2 norm
+    logit_scale: float
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_embeddings.shape[0]
+
+    def variables(self) -> dict:
+        return {
+            "class_embeddings": jnp.asarray(self.class_embeddings, jnp.float32),
+            "logit_scale": jnp.asarray(self.logit_scale, jnp.float32),
+        }
+
+
+def apply_zeroshot_head(variables: dict, features: jax.Array) -> jax.Array:
+    features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
+    cosine = features @ variables["class_embeddings"].astype(features.dtype).T
+    return jnp.exp(variables["logit_scale"]) * cosine

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jprompt.methods import heads
 from jprompt.methods.base import Method
 from jprompt.models import resnet, torch_checkpoint
 from jprompt.models.resnet import ResNet10
@@ -64,7 +63,6 @@ def mix_library(logits: jax.Array, library: jax.Array) -> tuple[jax.Array, jax.A
 class PromptGenerationNetwork(Method):
     num_tokens: int = 16  # K
     library_size: int = 256  # N
-    head_init: str = "zeros"
 
     @property
     def token_dim(self) -> int:
@@ -76,16 +74,15 @@ class PromptGenerationNetwork(Method):
 
     def init(self, rng, backbone_params):
         gen_rng, lib_rng, head_rng = jax.random.split(rng, 3)
+        head, head_frozen = self.init_head(head_rng)
         variables = resnet.init_variables(self.generator, gen_rng, self.backbone.image_size)
         params = {
             "generator": variables["params"],
             "library": init_tokens(lib_rng, (self.library_size, self.token_dim)),
-            "head": heads.init_linear_head(
-                head_rng, self.backbone.feature_dim, self.num_classes, self.head_init
-            ),
+            **head,
         }
         trained = {"params": params, "batch_stats": {"generator": variables["batch_stats"]}}
-        return trained, {"backbone": backbone_params}
+        return trained, {"backbone": backbone_params, **head_frozen}
 
     def prompts(self, trained, images, *, train: bool):
         """``(prompts (B, K, D), token_weights (B, K, N), new generator batch_stats or None)``."""
@@ -119,7 +116,7 @@ class PromptGenerationNetwork(Method):
         features, out = self.backbone.features(
             frozen["backbone"], images, prompt_tokens=prompts, prompt_position=PROMPT_POSITION
         )
-        logits = heads.apply_linear_head(trained["params"]["head"], features)
+        logits = self.head_logits(trained["params"], frozen, features)
         aux = {**out, "token_weights": weights}
         if new_stats is not None:
             aux["mutable"] = {"batch_stats": {"generator": new_stats}}
@@ -131,17 +128,15 @@ class LearnedTokens(Method):
     """K input-independent tokens appended at the end of the sequence, plus a linear head."""
 
     num_tokens: int = 16
-    head_init: str = "zeros"
 
     def init(self, rng, backbone_params):
         token_rng, head_rng = jax.random.split(rng)
+        head, head_frozen = self.init_head(head_rng)
         params = {
             "tokens": init_tokens(token_rng, (self.num_tokens, self.backbone.module.hidden_size)),
-            "head": heads.init_linear_head(
-                head_rng, self.backbone.feature_dim, self.num_classes, self.head_init
-            ),
+            **head,
         }
-        return {"params": params}, {"backbone": backbone_params}
+        return {"params": params}, {"backbone": backbone_params, **head_frozen}
 
     def apply(self, trained, frozen, images, *, rng, train, epoch=0):
         del rng, train, epoch
@@ -150,7 +145,7 @@ class LearnedTokens(Method):
         features, out = self.backbone.features(
             frozen["backbone"], images, prompt_tokens=prompts, prompt_position=PROMPT_POSITION
         )
-        return heads.apply_linear_head(params["head"], features), out
+        return self.head_logits(params, frozen, features), out
 
 
 # --- Import of the released PyTorch weights -------------------------------------------------

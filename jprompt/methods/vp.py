@@ -22,7 +22,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jprompt.methods import heads
 from jprompt.methods.base import Method
 
 PROMPTERS = ("padding", "fixed_patch", "random_patch")
@@ -83,7 +82,6 @@ def random_location(rng: jax.Array, image_size: int, prompt_size: int) -> jax.Ar
 class VisualPrompt(Method):
     prompt_size: int = 30
     prompter: str = "padding"
-    head_init: str = "zeros"
 
     def __post_init__(self):
         if self.prompter not in PROMPTERS:
@@ -91,6 +89,7 @@ class VisualPrompt(Method):
 
     def init(self, rng, backbone_params):
         prompt_rng, head_rng = jax.random.split(rng)
+        head, head_frozen = self.init_head(head_rng)
         size = self.backbone.image_size
         if self.prompter == "padding":
             prompter = init_padding(prompt_rng, size, self.prompt_size)
@@ -98,11 +97,9 @@ class VisualPrompt(Method):
             prompter = init_patch(prompt_rng, size, self.prompt_size)
         trained = {
             "prompter": prompter,
-            "head": heads.init_linear_head(
-                head_rng, self.backbone.feature_dim, self.num_classes, self.head_init
-            ),
+            **head,
         }
-        return {"params": trained}, {"backbone": backbone_params}
+        return {"params": trained}, {"backbone": backbone_params, **head_frozen}
 
     def prompt(self, prompter_params: dict, rng: jax.Array | None) -> jax.Array:
         """The ``(S, S, 3)`` pixel prompt for one forward pass."""
@@ -127,4 +124,4 @@ class VisualPrompt(Method):
         params = trained["params"]
         prompted = images + self.prompt(params["prompter"], rng).astype(images.dtype)
         features, out = self.backbone.features(frozen["backbone"], prompted)
-        return heads.apply_linear_head(params["head"], features), out
+        return self.head_logits(params, frozen, features), out

@@ -32,7 +32,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jprompt.methods import heads
 from jprompt.methods.base import Method
 
 
@@ -94,6 +93,7 @@ class VisualPromptTuning(Method):
 
     def init(self, rng, backbone_params):
         token_rng, proj_rng, head_rng = jax.random.split(rng, 3)
+        head, head_frozen = self.init_head(head_rng)
         bound = init_bound(self.backbone.module.patch_size, self.token_dim)
         prompter = {"tokens": symmetric_uniform(token_rng, self.token_shape, bound)}
         if self.project_dim > 0:
@@ -102,11 +102,9 @@ class VisualPromptTuning(Method):
             )
         trained = {
             "prompter": prompter,
-            "head": heads.init_linear_head(
-                head_rng, self.backbone.feature_dim, self.num_classes, self.head_init
-            ),
+            **head,
         }
-        return {"params": trained}, {"backbone": backbone_params}
+        return {"params": trained}, {"backbone": backbone_params, **head_frozen}
 
     def prompts(self, prompter: dict, batch: int, *, rng, train: bool) -> jax.Array:
         """The tokens as the backbone takes them: ``(B, p, D)``, or ``(L, B, p, D)`` if deep."""
@@ -131,4 +129,4 @@ class VisualPromptTuning(Method):
         features, out = self.backbone.features(
             frozen["backbone"], images, prompt_position="after_cls", **{kind: tokens}
         )
-        return heads.apply_linear_head(params["head"], features), out
+        return self.head_logits(params, frozen, features), out

@@ -1,23 +1,46 @@
 """Backbones by name: the module, its parameters, and the input space it expects.
 
-A ``Backbone`` pairs a Linen module built without a classification head with the facts the rest
-of the system needs: the image size it runs at, the pixel normalization its checkpoints were
-trained with (which the input pipeline applies) and the width of its features.
+A ``Backbone`` pairs a Linen image module built without a classification head with the facts the
+rest of the system needs: the image size it runs at, the pixel normalization its checkpoints
+were trained with (which the input pipeline applies) and the width of its features. CLIP
+backbones also carry their text tower (``text``), from which a zero-shot head is computed once;
+only the image tower's parameters go to the training step.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from jprompt.models import vit, vit_checkpoint
+from jprompt.models import clip, clip_checkpoint, vit, vit_checkpoint
 
-NAMES = vit.NAMES
+NAMES = vit.NAMES + clip.NAMES
 
-# vit_jax and big_vision checkpoints expect pixels in [-1, 1].
+# vit_jax and big_vision checkpoints expect pixels in [-1, 1]; CLIP its own mean/std scaling.
 VIT_NORMALIZATION = "minus_one_to_one"
+CLIP_NORMALIZATION = "clip"
+TEXT_BATCH_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextEncoder:
+    """CLIP's text tower with its parameters and logit scale, for computing zero-shot heads."""
+
+    module: clip.TextTransformer
+    params: dict
+    logit_scale: float
+
+    def encode(self, token_ids: np.ndarray) -> np.ndarray:
+        """``(T, 77)`` token ids -> ``(T, E)`` text features, in batches."""
+        encode = jax.jit(lambda params, ids: self.module.apply({"params": params}, ids))
+        parts = [
+            np.asarray(encode(self.params, token_ids[i : i + TEXT_BATCH_SIZE]))
+            for i in range(0, len(token_ids), TEXT_BATCH_SIZE)
+        ]
+        return np.concatenate(parts, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +49,11 @@ class Backbone:
     module: vit.VisionTransformer
     image_size: int
     normalization: str
+    text: TextEncoder | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def feature_dim(self) -> int:
-        return self.module.representation_size or self.module.hidden_size
+        return self.module.feature_dim
 
     def features(self, params, images, *, rng=None, train=False, **prompts):
         """Pooled pre-logits features ``(B, feature_dim)`` and the dict of intermediates.
@@ -51,6 +75,8 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
     """
     if config.name not in NAMES:
         raise ValueError(f"unknown backbone {config.name!r}; valid choices: {list(NAMES)}")
+    if config.name in clip.NAMES:
+        return _build_clip(config, image_size=image_size, rng=rng)
     module = vit.create(
         config.name,
         num_classes=0,
@@ -58,11 +84,7 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
         dropout_rate=config.dropout_rate,
         representation_size=config.representation_size or None,
     )
-    if image_size % module.patch_size:
-        raise ValueError(
-            f"image size {image_size} is not a multiple of {config.name}'s patch size "
-            f"{module.patch_size}"
-        )
+    _check_image_size(config.name, image_size, module.patch_size)
     backbone = Backbone(config.name, module, image_size, VIT_NORMALIZATION)
     if config.checkpoint:
         logging.info("Loading %s weights from %s", config.name, config.checkpoint)
@@ -77,3 +99,37 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         params = jax.jit(module.init)(rng, dummy)["params"]
     return backbone, params
+
+
+def _check_image_size(name: str, image_size: int, patch_size: int):
+    if image_size % patch_size:
+        raise ValueError(
+            f"image size {image_size} is not a multiple of {name}'s patch size {patch_size}"
+        )
+
+
+def _build_clip(config: ConfigDict, *, image_size: int, rng: jax.Array):
+    """A CLIP image tower as the backbone, with its text tower alongside."""
+    if config.pool != "tok" or config.representation_size:
+        raise ValueError(
+            f"{config.name} pools its class token and has no representation layer: leave "
+            f"backbone.pool='tok' and backbone.representation_size=0 (got "
+            f"{config.pool!r}, {config.representation_size})"
+        )
+    module = clip.image_tower(config.name, dropout_rate=config.dropout_rate)
+    _check_image_size(config.name, image_size, module.patch_size)
+    if config.checkpoint:
+        logging.info("Loading %s weights from %s", config.name, config.checkpoint)
+        params = clip_checkpoint.load(config.checkpoint, config.name, image_size=image_size)
+        params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    else:
+        logging.warning(
+            "No checkpoint given: %s starts from a RANDOM initialisation (its zero-shot head "
+            "is meaningless); convert a released CLIP file with python -m jprompt.convert_clip "
+            "and set backbone.checkpoint",
+            config.name,
+        )
+        params = clip.init_params(config.name, rng, image_size=image_size)
+    text = TextEncoder(clip.text_tower(config.name), params["text"], float(params["logit_scale"]))
+    backbone = Backbone(config.name, module, image_size, CLIP_NORMALIZATION, text=text)
+    return backbone, params["image"]

@@ -16,6 +16,13 @@ storage_offset, size, stride, requires_grad, backward_hooks[, metadata])``, and 
 ``collections.OrderedDict`` (to small local stand-ins that build numpy arrays), and refuses every
 other global with an error naming it, so loading a file never runs code from the file.
 
+TorchScript archives (``torch.jit.save``, the format of OpenAI's released CLIP ``.pt`` files) use
+the same layout, plus ``code/`` (the compiled Python, never read here) and ``constants.pkl``. Their
+``data.pkl`` pickles each module as an object of a ``__torch__.*`` class, built from a dict of its
+attributes (parameters, buffers, submodules, flags). Every ``__torch__.*`` global resolves to
+``ScriptObject``, an inert stand-in that only records that dict; ``ScriptObject.state_dict()``
+walks it into the flat ``{"visual.conv1.weight": array, ...}`` naming of ``Module.state_dict()``.
+
 Supported storage types: float32, float64, float16, bfloat16 (returned as float32, exactly: a
 bfloat16 is the top half of a float32), int64, int32, int16, int8, uint8 and bool. The legacy
 (pre-1.6, non-zip) format is rejected with a message saying how to convert it.
@@ -96,6 +103,34 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
     return data
 
 
+class ScriptObject:
+    """Stand-in for any TorchScript class ``__torch__.*``: records its pickled state, nothing else.
+
+    The pickle creates it with ``cls.__new__(cls)`` and hands it the attribute dict through
+    ``__setstate__``; no method of the file's class exists here, so none can run.
+    """
+
+    state: object = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """The tensors among the attributes, recursing into submodules, with dotted names.
+
+        For a module this is what ``Module.state_dict()`` returns (e.g. ``Sequential`` children
+        are attributes "0", "1", ...), plus any plain tensor attributes; other values are skipped.
+        """
+        flat = {}
+        if isinstance(self.state, Mapping):
+            for name, value in self.state.items():
+                if isinstance(value, np.ndarray):
+                    flat[f"{prefix}{name}"] = value
+                elif isinstance(value, ScriptObject):
+                    flat.update(value.state_dict(f"{prefix}{name}."))
+        return flat
+
+
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -113,13 +148,15 @@ class _Unpickler(pickle.Unpickler):
         self._storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise TorchCheckpointError(
                 f"refusing to load global {module}.{name} from the checkpoint: only tensors "
-                f"(torch._utils._rebuild_tensor_v2 with {sorted(STORAGE_DTYPES)}) and "
-                "collections.OrderedDict are supported"
+                f"(torch._utils._rebuild_tensor_v2 with {sorted(STORAGE_DTYPES)}), "
+                "collections.OrderedDict and TorchScript objects (__torch__.*) are supported"
             ) from None
 
     def persistent_load(self, pid):
@@ -183,7 +220,10 @@ def _open_archive(path) -> tuple[zipfile.ZipFile, str]:
 
 
 def load(path) -> object:
-    """Unpickle a ``torch.save`` zip archive; tensors become numpy arrays."""
+    """Unpickle a ``torch.save`` or ``torch.jit.save`` zip archive; tensors become numpy arrays.
+
+    A TorchScript archive gives its top module as a ``ScriptObject``.
+    """
     archive, prefix = _open_archive(path)
     with archive:
         byteorder = "little"
@@ -205,8 +245,13 @@ def load(path) -> object:
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
-    """The ``{name: array}`` state dict saved at ``path`` (local or ``gs://``), in file order."""
+    """The ``{name: array}`` state dict saved at ``path`` (local or ``gs://``), in file order.
+
+    For a TorchScript archive, the state dict of its top module (``ScriptObject.state_dict``).
+    """
     obj = load(path)
+    if isinstance(obj, ScriptObject):
+        obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise TorchCheckpointError(
             f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of tensors)"

@@ -57,7 +57,15 @@ NAMES: tuple[str, ...] = tuple(
 
 POOLS = ("tok", "gap")
 PROMPT_POSITIONS = ("after_cls", "end")
-LAYERNORM_EPS = 1e-6
+LAYERNORM_EPS = 1e-6  # vit_jax / big_vision; CLIP uses PyTorch's default 1e-5
+
+
+def quick_gelu(x):
+    """CLIP's sigmoid approximation of GELU; its checkpoints were trained with it."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}
 
 
 def parse_name(name: str) -> tuple[str, int]:
@@ -88,10 +96,11 @@ def create(name: str, *, num_classes: int = 0, **overrides: Any) -> "VisionTrans
 
 
 class MlpBlock(nn.Module):
-    """Dense -> GELU -> Dropout -> Dense -> Dropout, initialised as in vit_jax."""
+    """Dense -> activation (GELU) -> Dropout -> Dense -> Dropout, initialised as in vit_jax."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
+    activation: str = "gelu"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -102,7 +111,7 @@ class MlpBlock(nn.Module):
         )
         width = x.shape[-1]
         x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0", **inits)(x)
-        x = nn.gelu(x)
+        x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = nn.Dense(width, dtype=self.dtype, name="Dense_1", **inits)(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -114,11 +123,13 @@ class MultiHeadDotProductAttention(nn.Module):
     ``query/key/value`` kernels are (D, H, D/H) and ``out`` is (H, D/H, D), as in the published
     checkpoints. Without attention dropout it runs ``jax.nn.dot_product_attention`` (which can
     use a fused kernel); with dropout during training it computes the weights explicitly so they
-    can be dropped.
+    can be dropped. ``causal`` lets each token attend only to itself and earlier tokens (CLIP's
+    text tower).
     """
 
     num_heads: int
     dropout_rate: float = 0.0
+    causal: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -137,9 +148,13 @@ class MultiHeadDotProductAttention(nn.Module):
         v = nn.DenseGeneral(name="value", **dense)(x)
 
         if deterministic or self.dropout_rate == 0.0:
-            y = jax.nn.dot_product_attention(q, k, v)
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            if self.causal:
+                length = x.shape[1]
+                mask = jnp.tril(jnp.ones((length, length), bool))
+                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
             y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -160,24 +175,30 @@ class Encoder1DBlock(nn.Module):
     num_heads: int
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    layernorm_epsilon: float = LAYERNORM_EPS
+    activation: str = "gelu"
+    causal: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
-        y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
+        norm = dict(epsilon=self.layernorm_epsilon, dtype=self.dtype)
+        y = nn.LayerNorm(name="LayerNorm_0", **norm)(x)
         y = MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             dropout_rate=self.attention_dropout_rate,
+            causal=self.causal,
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_0",
         )(y, deterministic=deterministic)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = x + y
 
-        y = nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="LayerNorm_1")(x)
+        y = nn.LayerNorm(name="LayerNorm_1", **norm)(x)
         y = MlpBlock(
             mlp_dim=self.mlp_dim,
             dropout_rate=self.dropout_rate,
+            activation=self.activation,
             dtype=self.dtype,
             name="MlpBlock_0",
         )(y, deterministic=deterministic)
@@ -200,6 +221,8 @@ class Encoder(nn.Module):
 
     ``prompt_start`` is the sequence index where the p prompt tokens go (after the position
     embedding was added); ``deep_prompts`` overwrite those positions before every layer i >= 1.
+    ``pre_norm`` adds CLIP's ``ln_pre`` (named ``pre_norm``) after the prompts were inserted, so
+    that prompt tokens are normalized with the rest of the sequence, as the PGN code does on CLIP.
     """
 
     depth: int
@@ -207,10 +230,14 @@ class Encoder(nn.Module):
     num_heads: int
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    layernorm_epsilon: float = LAYERNORM_EPS
+    activation: str = "gelu"
+    causal: bool = False
+    pre_norm: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, prompts, deep_prompts, prompt_start: int, train: bool):
+    def __call__(self, x, *, prompts=None, deep_prompts=None, prompt_start: int = 0, train: bool):
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
@@ -218,6 +245,9 @@ class Encoder(nn.Module):
             prompts = deep_prompts[0]
         if prompts is not None:
             x = _insert(x, prompts.astype(x.dtype), prompt_start)
+        norm = dict(epsilon=self.layernorm_epsilon, dtype=self.dtype)
+        if self.pre_norm:
+            x = nn.LayerNorm(name="pre_norm", **norm)(x)
 
         for i in range(self.depth):
             if deep_prompts is not None and i > 0:
@@ -227,10 +257,13 @@ class Encoder(nn.Module):
                 num_heads=self.num_heads,
                 dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
+                layernorm_epsilon=self.layernorm_epsilon,
+                activation=self.activation,
+                causal=self.causal,
                 dtype=self.dtype,
                 name=f"encoderblock_{i}",
             )(x, deterministic=not train)
-        return nn.LayerNorm(epsilon=LAYERNORM_EPS, dtype=self.dtype, name="encoder_norm")(x)
+        return nn.LayerNorm(name="encoder_norm", **norm)(x)
 
 
 def _insert(x, prompts, start: int):
@@ -250,6 +283,11 @@ class VisionTransformer(nn.Module):
     are ``out["pre_logits"]``. Inputs: float (B, H, W, 3), pixels in [-1, 1] for the published
     checkpoints; no normalization is applied here. ``dtype`` is the compute dtype; parameters
     are always float32.
+
+    The fields after ``head_bias_init`` make CLIP's image tower out of the same module
+    (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
+    quick_gelu, LayerNorm eps 1e-5, and a bias-free projection ``proj`` of the pooled token,
+    whose output is then ``out["pre_logits"]``.
     """
 
     num_classes: int
@@ -263,7 +301,18 @@ class VisionTransformer(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     head_bias_init: float = 0.0
+    # CLIP's image tower: conv without bias, ln_pre, quick_gelu, eps 1e-5, a linear projection.
+    patch_bias: bool = True
+    pre_norm: bool = False
+    layernorm_epsilon: float = LAYERNORM_EPS
+    activation: str = "gelu"
+    projection_dim: int | None = None
     dtype: Any = jnp.float32
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of ``out["pre_logits"]``, the features a head sees."""
+        return self.projection_dim or self.representation_size or self.hidden_size
 
     @nn.compact
     def __call__(
@@ -290,6 +339,7 @@ class VisionTransformer(nn.Module):
             kernel_size=(self.patch_size, self.patch_size),
             strides=(self.patch_size, self.patch_size),
             padding="VALID",
+            use_bias=self.patch_bias,
             dtype=self.dtype,
             name="embedding",
         )(images.astype(self.dtype))
@@ -309,6 +359,9 @@ class VisionTransformer(nn.Module):
             num_heads=self.num_heads,
             dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
+            layernorm_epsilon=self.layernorm_epsilon,
+            activation=self.activation,
+            pre_norm=self.pre_norm,
             dtype=self.dtype,
             name="Transformer",
         )(
@@ -331,6 +384,10 @@ class VisionTransformer(nn.Module):
         if self.representation_size is not None:
             pooled = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(pooled)
             pooled = jnp.tanh(pooled)
+        if self.projection_dim is not None:
+            pooled = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="proj")(
+                pooled
+            )
         out = {"pre_logits": pooled, "encoded": encoded}
 
         if not self.num_classes:

@@ -183,7 +183,7 @@ def load_pretrained(path, model: VisionTransformer, *, image_size: int) -> dict:
         del params["pre_logits"]
     _adapt_head(params, expected, model)
     _adapt_posemb(params, expected, model, image_size)
-    _check_fits(params, expected, path)
+    check_fits(params, expected, path)
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
@@ -211,7 +211,7 @@ def _adapt_posemb(params: dict, expected: Mapping, model: VisionTransformer, ima
     try:
         posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
         target = expected["Transformer"]["posembed_input"]["pos_embedding"].shape
-    except KeyError:  # reported by _check_fits
+    except KeyError:  # reported by check_fits
         return
     has_cls = "cls" in params
     same_layout = has_cls == ("cls" in expected) and posemb.shape[-1] == target[-1]
@@ -221,7 +221,9 @@ def _adapt_posemb(params: dict, expected: Mapping, model: VisionTransformer, ima
         params["Transformer"]["posembed_input"]["pos_embedding"] = new
 
 
-def _check_fits(params: Mapping, expected: Mapping, path) -> None:
+def check_fits(params: Mapping, expected: Mapping, path) -> None:
+    """ValueError naming every missing key, unexpected key and shape mismatch of ``params``
+    against ``expected`` (a tree of arrays or ``jax.ShapeDtypeStruct``); ``path`` labels it."""
     got = {key: tuple(np.shape(v)) for key, v in flatten(params).items()}
     want = {key: tuple(v.shape) for key, v in flatten(expected).items()}
     missing = sorted(want.keys() - got.keys())
