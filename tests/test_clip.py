@@ -15,7 +15,7 @@ import pytest
 
 from jprompt import train, zeroshot
 from jprompt.methods import heads, pgn
-from jprompt.models import backbones, clip, clip_tokenizer
+from jprompt.models import backbones, clip, clip_checkpoint, clip_tokenizer
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY = "clip_tiny4"
@@ -196,3 +196,8 @@ def test_zero_shot_config_evaluates_without_training(shapes_data_dir, tmp_path):
     results = train.train_and_evaluate(config, tmp_path)
     assert results["trainable_params"] == 0 and results["total_steps"] == 0
     assert results["test"]["num_examples"] == 64 and 0.0 <= results["test"]["accuracy"] <= 1.0
+
+
+def test_missing_clip_weights_say_how_to_convert(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m jprompt.convert_clip --input="):
+        clip_checkpoint.load(str(tmp_path / "clip_b32.npz"), "clip_b32", image_size=224)

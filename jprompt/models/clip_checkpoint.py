@@ -37,6 +37,7 @@ slightly different function.
 import dataclasses
 import functools
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -185,6 +186,13 @@ def load(path, name: str, *, image_size: int) -> dict:
     a ValueError names whatever is missing, unexpected or mismatched. Returns a nested dict of
     float32 numpy arrays, ``{"image", "text", "logit_scale"}``.
     """
+    path = os.path.expanduser(path)
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(
+            f"no CLIP weights at {path}: download the released file once and convert it, e.g. "
+            f"python -m jprompt.convert_clip --input=ViT-B-32.pt --output={path} "
+            f"(or set backbone.checkpoint to an existing file)"
+        )
     naming, params = convert(read_state_dict(path))
     params = _fit(params, name, image_size, f"{path} ({naming} naming)")
     logging.info("Loaded %s at image size %d from %s (%s naming)", name, image_size, path, naming)
@@ -195,7 +203,9 @@ def convert_file(src, dst, name: str | None = None) -> ConvertedFile:
     """Converts ``src`` (any supported file) into our ``.npz`` at ``dst``, at its own resolution.
 
     ``name`` defaults to the variant detected from the weights; given, it must agree with them.
+    ``~`` in either path means the home directory; ``dst``'s directory is created.
     """
+    src, dst = os.path.expanduser(src), epath.Path(os.path.expanduser(dst))
     naming, params = convert(read_state_dict(src))
     found = architecture(params)
     name = name or infer_name(params)
@@ -207,6 +217,7 @@ def convert_file(src, dst, name: str | None = None) -> ConvertedFile:
         )
     image_size = found.image_size if found else clip.variant(name).image_size
     params = _fit(params, name, image_size, f"{src} ({naming} naming)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
     vit_checkpoint.save_npz(dst, params)
     return ConvertedFile(naming, name, image_size, vit_checkpoint.count_params(params))
 
