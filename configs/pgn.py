@@ -5,6 +5,8 @@ r"""PGN: a prompt generation network on a frozen backbone (Loedeman et al. 2022/
     python -m jprompt.main --config=configs/pgn.py:backbone=vit_b32,dataset=cifar100 \
         --workdir=/tmp/pgn_vit_cifar100
     python -m jprompt.main --config=configs/pgn.py:demo,baseline --workdir=/tmp/tokens_demo
+    python -m jprompt.main --config=configs/pgn.py:demo,backbone=vit_b32,deployable \
+        --config.backbone.name=vit_tiny8 --config.backbone.checkpoint= --workdir=/tmp/pgn_rgb
 
 Args (comma-separated after the file name):
   backbone=NAME     a backbone from jprompt.models.backbones.NAMES. Default clip_b32, the paper's
@@ -21,6 +23,12 @@ Args (comma-separated after the file name):
                     parameters, a linear head aside)
   baseline          train the paper's input-independent baseline instead ("prompt_tokens": K
                     learned tokens appended at the end, no generator), same recipe
+  deployable        train the PGN in the geometry of prompt inversion (jprompt.inversion), so
+                    that it can be served as plain RGB rows below the image to the unmodified
+                    backbone (python -m jprompt.serve). Needs pool "tok" and a patch of at least
+                    D/3 pixels: the demo's shipped tiny4 backbones have 3*4*4 = 48 < D = 64, so
+                    override them with a randomly initialised tiny8 as in the example above
+                    (benchmarks/inversion_agreement.py does). Not with baseline
   demo              offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes (the
                     tiny CLIP by default, the tiny ViT with backbone=vit_*), adapted to
                     jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
@@ -60,8 +68,11 @@ def get_config(arg=None):
         num_tokens=16,
         library_size=0,
         baseline=False,
+        deployable=False,
         demo=False,
     )
+    if args.baseline and args.deployable:
+        raise ValueError("deployable applies to the PGN; the baseline has no generator to deploy")
     config = config_lib.config_for_args(args)
     config.method.name = "prompt_tokens" if args.baseline else "pgn"
     config.method.num_tokens = args.num_tokens
@@ -72,6 +83,7 @@ def get_config(arg=None):
             else RELEASED_LIBRARY_SIZE_VIT
         )
         config.method.library_size = args.library_size or released
+        config.method.deployable = args.deployable
     config.method.head_init = "zeros"
     config.input.flip = True
 

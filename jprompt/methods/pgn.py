@@ -25,6 +25,13 @@ statistics in ``aux["mutable"]["batch_stats"]`` (the trainer writes them back); 
 uses the running statistics, so an image's prediction does not depend on its batch.
 ``aux["token_weights"]`` is the ``(B, K, N)`` mixture per image, for visualisation.
 
+``deployable=True`` trains in the geometry of prompt inversion (``jprompt.inversion``), so that
+the trained PGN can be deployed as plain RGB rows below the image to the unmodified backbone:
+the K tokens are followed by the constant tokens of the mid-gray "filler" patches that complete
+the last extra patch row (``inversion.filler_tokens``, computed from the frozen tree). The
+latent model is then exactly the function the deployed pipeline computes. It needs a backbone
+with ``pool="tok"`` and ``3 P^2 >= D``, and fails clearly otherwise.
+
 Sizes of the official releases (generator + library, head and BN statistics not counted):
 K=16, N=256, D=768 (CLIP ViT-B/32): 835,696 + 196,608 = 1,032,304; K=16, N=128, D=768 (ViT-B/32):
 669,808; K=16, N=128, D=384 (DINO ViT-S/16): 620,656. ``load_released_pgn`` imports the released
@@ -41,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jprompt import inversion
 from jprompt.methods.base import Method
 from jprompt.models import resnet, torch_checkpoint
 from jprompt.models.resnet import ResNet10
@@ -63,6 +71,17 @@ def mix_library(logits: jax.Array, library: jax.Array) -> tuple[jax.Array, jax.A
 class PromptGenerationNetwork(Method):
     num_tokens: int = 16  # K
     library_size: int = 256  # N
+    deployable: bool = False  # train with the geometry of prompt inversion (module docstring)
+
+    def __post_init__(self):
+        if self.deployable:
+            inversion.check_invertible(self.backbone.module, self.backbone.name)
+
+    @property
+    def geometry(self) -> inversion.Geometry:
+        """Where the deployed prompt patches go (``deployable`` only)."""
+        module = self.backbone.module
+        return inversion.Geometry.of(self.backbone.image_size, module.patch_size, self.num_tokens)
 
     @property
     def token_dim(self) -> int:
@@ -113,6 +132,12 @@ class PromptGenerationNetwork(Method):
     def apply(self, trained, frozen, images, *, rng, train, epoch=0):
         del rng, epoch  # deterministic; the backbone runs in eval mode
         prompts, weights, new_stats = self.prompts(trained, images, train=train)
+        if self.deployable:
+            fillers = inversion.filler_tokens(
+                frozen["backbone"], self.geometry, self.backbone.normalization
+            )
+            fillers = jnp.broadcast_to(fillers, (prompts.shape[0], *fillers.shape))
+            prompts = jnp.concatenate([prompts, fillers.astype(prompts.dtype)], axis=1)
         features, out = self.backbone.features(
             frozen["backbone"], images, prompt_tokens=prompts, prompt_position=PROMPT_POSITION
         )

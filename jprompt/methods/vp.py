@@ -12,9 +12,9 @@ all parameters are drawn from N(0, 1). ``prompt_size`` is p below, S the image s
   whole batch. As in the official code the location is random at evaluation too (the trainer
   passes a distinct rng to every evaluation batch), so evaluation accuracy is itself a sample.
 
-Head: with a vision-only backbone this implementation trains a linear head on the frozen
-features next to the prompt (the head VPT uses); the paper's CLIP setting with a frozen zero-shot
-text head arrives with the CLIP backbone.
+Head (``jprompt.methods.base``): on CLIP, the paper's setting, the frozen zero-shot text head, so
+only the prompt trains; with a vision-only backbone a linear head on the frozen features trains
+next to the prompt (the head VPT uses).
 """
 
 import dataclasses

@@ -32,7 +32,10 @@ CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
 LAYERNORM_EPS = 1e-5
 HEAD_WIDTH = 64  # CLIP's attention heads are 64 wide in both towers
-LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature
+# Random initialisations (tests, the demo CLIP) take the scale every released CLIP ends training
+# at, 100 (OpenAI clamps it there), rather than CLIP's starting 1/0.07: the zero-shot logits of
+# a random CLIP then have the sharpness of a real one's.
+LOGIT_SCALE_INIT = math.log(100.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ VARIANTS = {
     "b16": Variant(512, 224, 16, 768, 12, 512, 12),
     "l14": Variant(768, 224, 14, 1024, 24, 768, 12),
     "tiny4": Variant(32, 32, 4, 64, 2, 32, 2),
+    "tiny8": Variant(32, 32, 8, 64, 2, 32, 2),
 }
 NAMES = tuple(f"clip_{variant}" for variant in VARIANTS)
 
