@@ -11,9 +11,9 @@ generator sees the image at the backbone's resolution (the official code resizes
 the backbone's size there); its BatchNorm layers train with batch statistics. Its parameters
 are drawn as PyTorch draws them (``resnet.init_variables``).
 
-With a supervised ViT backbone a linear head on the frozen features trains next to the PGN (the
-official code trains the torchvision ViT's head); the CLIP setting with the frozen zero-shot text
-head arrives with the CLIP backbone.
+Head (``jprompt.methods.base``): on CLIP, the paper's main setting, the frozen zero-shot text
+head, so only the PGN trains; with a supervised ViT backbone a linear head on the frozen
+features trains next to the PGN (the official code trains the torchvision ViT's head).
 
 Trainable state::
 
