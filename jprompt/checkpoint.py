@@ -5,15 +5,19 @@ Two managers under the work directory:
                     written every epoch and at the end; a rerun resumes from the newest.
   ``best/``         the state with the best validation accuracy so far, with its metrics.
 Each save stores the run's config as JSON next to the state. Orbax commits a step atomically
-(written to a temporary directory, then renamed), so a killed job never leaves a half-written
-checkpoint that looks complete.
+(written to ``<step>.orbax-checkpoint-tmp-*``, then renamed to ``<step>``), so a killed job never
+leaves a half-written checkpoint that looks complete; the next run deletes such leftovers. In a
+multi-process job every process calls every method here: saving and restoring are collective.
 """
 
 import json
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from jprompt import distributed
 
 STATE = "state"
 CONFIG = "config"
@@ -25,20 +29,26 @@ class Checkpoints:
 
     def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 2):
         workdir = epath.Path(workdir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self._latest = ocp.CheckpointManager(
-            workdir / "checkpoints", options=options, item_names=(STATE, CONFIG)
+            workdir / "checkpoints",
+            options=_options("latest", max_to_keep),
+            item_names=(STATE, CONFIG),
         )
         self._best = ocp.CheckpointManager(
-            workdir / "best",
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-            item_names=(STATE, CONFIG, METRICS),
+            workdir / "best", options=_options("best", 1), item_names=(STATE, CONFIG, METRICS)
         )
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
     def save_latest(self, step: int, state, config_json: str) -> None:
+        """Save ``state`` at ``step``, once any best checkpoint in flight is committed.
+
+        The two managers commit in the background independently; were ``latest`` at step s
+        committed before ``best`` at s, a job killed in between would resume at s without
+        knowing s was the best, and could end with another best state than an uninterrupted run.
+        """
+        self._best.wait_until_finished()
         self._latest.save(
             step,
             args=ocp.args.Composite(
@@ -68,6 +78,51 @@ class Checkpoints:
         )
         return restored[STATE]
 
+    def resume(self, abstract_state) -> tuple[dict, dict]:
+        """``(state, saved config)`` of the newest kept checkpoint that can be restored.
+
+        The atomic commit proves a checkpoint was complete when written, not that its files
+        still are (a failing disk, an interrupted copy, a hand edit). So a checkpoint that fails
+        to restore is logged with its step and error, and the previous kept one is tried; once
+        one restores, the failed newer ones are deleted, so the run retrains those steps and
+        writes them again (with the same values: training is a function of the step). If none
+        restores, a RuntimeError caused by the newest one's error is raised and nothing is
+        deleted: the cause is then more likely the config (a different model) than the files.
+        All processes agree on each outcome, so none resumes from a step another could not read.
+        """
+        steps = sorted(self._latest.all_steps(), reverse=True)
+        errors = {}
+        for step in steps:
+            try:
+                restored, error = self._restore_with_config(step, abstract_state), None
+            except Exception as e:  # whatever the failure, the files are the suspect
+                restored, error = None, e
+            if not distributed.any_process(error is not None):
+                for bad_step in errors:
+                    self._latest.delete(bad_step)
+                return restored
+            errors[step] = error or RuntimeError("another process could not restore it")
+            logging.warning(
+                "Could not restore the checkpoint at step %d in %s (%r)%s",
+                step,
+                self._latest.directory,
+                errors[step],
+                "" if step == steps[-1] else "; falling back to the previous one",
+            )
+        raise RuntimeError(
+            f"none of the checkpoints in {self._latest.directory} (steps {steps}) could be "
+            "restored; if the config changed the model, use a new workdir"
+        ) from errors[steps[0]]
+
+    def _restore_with_config(self, step: int, abstract_state) -> tuple[dict, dict]:
+        restored = self._latest.restore(
+            step,
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore()}
+            ),
+        )
+        return restored[STATE], json.loads(restored[CONFIG])
+
     def best_metrics(self) -> tuple[int, dict] | None:
         """``(step, validation metrics)`` of the best checkpoint, or None before the first."""
         step = self._best.latest_step()
@@ -85,17 +140,6 @@ class Checkpoints:
         )
         return restored[STATE]
 
-    def saved_config(self) -> dict | None:
-        """The config stored with the newest checkpoint, if any."""
-        step = self._latest.latest_step()
-        if step is None:
-            return None
-        restored = self._latest.restore(
-            step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
-        )
-        config = restored[CONFIG]
-        return json.loads(config) if isinstance(config, str) else config
-
     def wait(self) -> None:
         """Block until asynchronous writes are committed."""
         self._latest.wait_until_finished()
@@ -104,6 +148,18 @@ class Checkpoints:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+
+
+def _options(name: str, max_to_keep: int) -> ocp.CheckpointManagerOptions:
+    """Options of one manager; ``name`` keeps its multi-process barriers apart from the other
+    manager's (both save the same step at the end of an epoch, and orbax names a barrier after
+    the step)."""
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+    )
 
 
 def abstract_like(state, sharding):

@@ -1,6 +1,13 @@
 """Command line: ``python -m jprompt.main --config=configs/vp.py:demo --workdir=/tmp/vp``.
 
-All logic lives in ``jprompt.train``; this file only parses flags.
+All logic lives in ``jprompt.train``; this file only parses flags. A multi-process job runs the
+same command on every process (see ``jprompt.distributed`` for how processes find each other),
+e.g. two processes on one machine:
+
+    python -m jprompt.main ... --coordinator_address=127.0.0.1:1234 --num_processes=2 \
+        --process_id=0 &
+    python -m jprompt.main ... --coordinator_address=127.0.0.1:1234 --num_processes=2 \
+        --process_id=1
 """
 
 import json
@@ -10,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jprompt import train
+from jprompt import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -19,6 +26,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 in a multi-process job (default: $JPROMPT_COORDINATOR_ADDRESS, "
+    "else detected on TPU/SLURM/Open MPI, else one process)",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (default: $JPROMPT_NUM_PROCESSES or detected)"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (default: $JPROMPT_PROCESS_ID or detected)"
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,6 +52,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX devices: %s", jax.devices())
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:

@@ -5,12 +5,19 @@ axis, the trainable state and the frozen backbone are replicated, and one jitted
 only the method's trainable tree. Progress, metrics (TensorBoard + log lines) and orbax
 checkpoints go to ``workdir``; running again with the same ``workdir`` resumes from the newest
 checkpoint, and because data order, randomness and the schedule are functions of the step, a
-resumed run ends exactly where an uninterrupted one would.
+resumed run ends exactly where an uninterrupted one would, however the previous one ended:
+``max_steps``, SIGTERM (a checkpoint is written first) or SIGKILL (the work since the last
+checkpoint is redone).
+
+In a multi-process job (``jprompt.distributed``) every process runs this same loop on its own
+share of the data; only process 0 writes logs, pictures and results.
 """
 
 import dataclasses
 import json
 import math
+import signal
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -21,7 +28,16 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import ConfigDict
 
-from jprompt import checkpoint, config_lib, methods, optim, sharding, visualize, zeroshot
+from jprompt import (
+    checkpoint,
+    config_lib,
+    distributed,
+    methods,
+    optim,
+    sharding,
+    visualize,
+    zeroshot,
+)
 from jprompt.data import pipeline
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.evaluate import evaluate, make_eval_step
@@ -221,11 +237,14 @@ def build_zeroshot_head(config: ConfigDict, backbone, class_names):
 
 
 def ensure_writable(workdir: str | epath.Path) -> epath.Path:
-    """Create ``workdir`` and prove it can be written, before any expensive work starts."""
+    """Create ``workdir`` and prove it can be written, before any expensive work starts.
+
+    Each process probes with its own file: processes of one job share the directory.
+    """
     workdir = epath.Path(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_test"
+        probe = workdir / f".write_test_{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -254,6 +273,42 @@ def _check_finite(values: dict[str, float], step: int, checkpoints: checkpoint.C
         )
 
 
+class _Preemption:
+    """SIGTERM, which TPU/GPU schedulers send before taking machines back, as a request to stop
+    after the current step with a checkpoint, rather than to die losing the work since the last.
+
+    The handler is installed on entry and the previous one restored on exit. Python runs signal
+    handlers only in the main thread, so elsewhere (a notebook's worker thread) nothing is
+    installed and SIGTERM keeps its previous meaning.
+    """
+
+    def __init__(self):
+        self._received = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._installed:
+            # None: the previous handler was not installed from Python; the default is the
+            # closest Python can restore.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._received = True  # only a flag: the loop acts on it between steps
+
+    def requested(self) -> bool:
+        """Whether any process received SIGTERM; a collective, so all stop at the same step."""
+        return distributed.any_process(self._received)
+
+
 def train_and_evaluate(
     config: ConfigDict,
     workdir: str,
@@ -265,8 +320,10 @@ def train_and_evaluate(
 
     Validation runs after every epoch and the best-validation state is kept; at the end the test
     split is evaluated with that state and everything is written to ``workdir/results.json``.
-    ``max_steps`` stops this call after that many steps (with a checkpoint), for preemptible
-    jobs; the next call resumes. ``devices`` restricts the mesh (default: all devices).
+    ``max_steps`` stops this call after that many steps (with a checkpoint), and so does
+    SIGTERM after the current step: both return ``{"stopped_at_step", "total_steps",
+    "preempted"}`` and the next call resumes. ``devices`` restricts the mesh (default: all
+    devices).
     """
     workdir = ensure_writable(workdir)
     is_main = jax.process_index() == 0
@@ -275,25 +332,36 @@ def train_and_evaluate(
     checkpoints = checkpoint.Checkpoints(workdir)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     try:
-        return _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_main)
+        with _Preemption() as preemption:
+            return _run(
+                experiment,
+                workdir,
+                checkpoints,
+                writer,
+                config_json,
+                max_steps,
+                is_main,
+                preemption,
+            )
     finally:
         checkpoints.wait()
         checkpoints.close()
         writer.close()
 
 
-def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_main) -> dict:
+def _run(
+    experiment, workdir, checkpoints, writer, config_json, max_steps, is_main, preemption
+) -> dict:
     config = experiment.config
     replicated = sharding.replicated(experiment.mesh)
     state = experiment.state
     results_path = workdir / RESULTS_FILE
 
     if checkpoints.latest_step() is not None:
-        saved = checkpoints.saved_config()
-        diffs = _config_differences(saved or {}, json.loads(config_json))
+        state, saved = checkpoints.resume(checkpoint.abstract_like(state, replicated))
+        diffs = _config_differences(saved, json.loads(config_json))
         if diffs:
             logging.warning("Resuming with a config that differs from the saved one: %s", diffs)
-        state = checkpoints.restore_latest(checkpoint.abstract_like(state, replicated))
         logging.info("Resumed from the checkpoint at step %d", int(state["step"]))
     start_step = int(state["step"])
     total = experiment.total_steps
@@ -320,7 +388,7 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
     batches = experiment.train_batches(start_step) if start_step < end_step else iter(())
     train_metrics = None
-    step = start_step
+    step, preempted = start_step, False
     for step in range(start_step + 1, end_step + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = sharding.to_global_batch(next(batches), experiment.mesh)
@@ -331,10 +399,7 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
         report(step)
         epoch_end = step % experiment.steps_per_epoch == 0
         if step % config.log_every_steps == 0 or epoch_end or step == end_step:
-            values = {k: float(v) for k, v in train_metrics.compute().items()}
-            _check_finite(values, step, checkpoints)
-            lrs = {f"lr_{g}": float(s(step)) for g, s in experiment.schedules.items()}
-            writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs)
+            _write_train_metrics(experiment, train_metrics, step, writer, checkpoints)
             train_metrics = None
         if epoch_end:
             val = experiment.evaluate(state["trained"], config.dataset.val_split)
@@ -345,17 +410,36 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
                 best_accuracy = val["accuracy"]
                 checkpoints.save_best(step, state["trained"], config_json, val)
             checkpoints.save_latest(step, state, config_json)
+        # Asked last, so that a signal arriving at any point of this step stops right here.
+        preempted = preemption.requested()
+        if preempted:
+            break
+    if train_metrics is not None:  # a logging window cut short by SIGTERM: checked, then saved
+        _write_train_metrics(experiment, train_metrics, step, writer, checkpoints)
     writer.flush()
-    if end_step < total:
-        if checkpoints.latest_step() != end_step:
-            checkpoints.save_latest(end_step, state, config_json)
-        logging.info("Stopped after step %d of %d (max_steps); rerun to resume", end_step, total)
-        return {"stopped_at_step": end_step, "total_steps": total}
+    if preempted or step < total:
+        if checkpoints.latest_step() != step:
+            checkpoints.save_latest(step, state, config_json)
+        logging.info(
+            "Stopped after step %d of %d (%s); rerun with the same workdir to resume",
+            step,
+            total,
+            "SIGTERM" if preempted else "max_steps",
+        )
+        return {"stopped_at_step": step, "total_steps": total, "preempted": preempted}
 
     checkpoints.wait()
     best_step, best_val = checkpoints.best_metrics()
     best_trained = checkpoints.restore_best(checkpoint.abstract_like(state["trained"], replicated))
     return _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main)
+
+
+def _write_train_metrics(experiment, train_metrics, step, writer, checkpoints) -> None:
+    """Log the training metrics merged since the last log, failing if the loss is not finite."""
+    values = {k: float(v) for k, v in train_metrics.compute().items()}
+    _check_finite(values, step, checkpoints)
+    lrs = {f"lr_{g}": float(s(step)) for g, s in experiment.schedules.items()}
+    writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs)
 
 
 def _evaluate_untrained(experiment, state, workdir, writer, is_main) -> dict:
@@ -382,7 +466,11 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
     }
     writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
     if is_main:
-        (workdir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        # Written beside, then renamed: a job killed while writing leaves no truncated file
+        # that the next run would take as "training complete".
+        partial = workdir / f"{RESULTS_FILE}.partial"
+        partial.write_text(json.dumps(results, indent=2))
+        partial.replace(workdir / RESULTS_FILE)
     logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
     return results
 
