@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jprompt import sharding
+from jprompt import checkpoint, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,6 +64,16 @@ def train_with_frozen_backbone(experiment, num_steps: int):
     assert all(np.isfinite(losses)) and losses[-1] != losses[0]
     jax.tree.map(np.testing.assert_array_equal, to_numpy(experiment.frozen), frozen_before)
     return trained_before, state
+
+
+def latest_trained(workdir, experiment):
+    """The trainable tree of the newest checkpoint in ``workdir``, as numpy."""
+    abstract = checkpoint.abstract_like(experiment.state, sharding.replicated(experiment.mesh))
+    checkpoints = checkpoint.Checkpoints(workdir)
+    try:
+        return to_numpy(checkpoints.restore_latest(abstract)["trained"])
+    finally:
+        checkpoints.close()
 
 
 def to_numpy(tree):

@@ -10,11 +10,11 @@ import json
 import signal
 import time
 
+import helpers
 import jax
 import numpy as np
 import pytest
-from test_multihost import TIMEOUT_S, demo_config, finish, launch, main_command
-from test_train import latest_trained
+from launch import TIMEOUT_S, demo_config, finish, launch, main_command
 
 from jprompt import train
 
@@ -35,13 +35,13 @@ def uninterrupted(config, experiment, tmp_path_factory):
     """``(results, final trainable tree)`` of the run never interrupted."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     results = train.train_and_evaluate(config, str(workdir))
-    return results, latest_trained(workdir, experiment)
+    return results, helpers.latest_trained(workdir, experiment)
 
 
 def assert_ends_like_uninterrupted(results, workdir, experiment, uninterrupted):
     expected_results, expected_trained = uninterrupted
     assert results == expected_results
-    trained = latest_trained(workdir, experiment)
+    trained = helpers.latest_trained(workdir, experiment)
     jax.tree.map(np.testing.assert_array_equal, trained, expected_trained)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import to_numpy
 
-from jprompt import checkpoint, sharding, train
+from jprompt import train
 
 
 @pytest.fixture
@@ -29,15 +29,6 @@ def tiny_config(shapes_data_dir):
         return config
 
     return make
-
-
-def latest_trained(workdir, experiment):
-    abstract = checkpoint.abstract_like(experiment.state, sharding.replicated(experiment.mesh))
-    checkpoints = checkpoint.Checkpoints(workdir)
-    try:
-        return to_numpy(checkpoints.restore_latest(abstract)["trained"])
-    finally:
-        checkpoints.close()
 
 
 def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path):
@@ -78,8 +69,8 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
     resumed = train.train_and_evaluate(config, str(parts))
 
     experiment = train.create_experiment(config)
-    expected = latest_trained(tmp_path / "whole", experiment)
-    got = latest_trained(parts, experiment)
+    expected = helpers.latest_trained(tmp_path / "whole", experiment)
+    got = helpers.latest_trained(parts, experiment)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     assert resumed["test"] == whole["test"]
 
