@@ -32,10 +32,7 @@ CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
 LAYERNORM_EPS = 1e-5
 HEAD_WIDTH = 64  # CLIP's attention heads are 64 wide in both towers
-# Random initialisations (tests, the demo CLIP) take the scale every released CLIP ends training
-# at, 100 (OpenAI clamps it there), rather than CLIP's starting 1/0.07: the zero-shot logits of
-# a random CLIP then have the sharpness of a real one's.
-LOGIT_SCALE_INIT = math.log(100.0)
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature
 
 
 @dataclasses.dataclass(frozen=True)
