@@ -177,7 +177,9 @@ def test_config_prompter_arg():
 
 @pytest.mark.parametrize("prompter", ["fixed_patch", "random_patch"])
 def test_training_steps_keep_the_backbone_bit_identical(shapes_data_dir, prompter):
-    config = helpers.shrink(load_vp_config(f"demo,prompter={prompter}"), shapes_data_dir)
+    config = helpers.shrink(
+        load_vp_config(f"demo,backbone=vit_b16,prompter={prompter}"), shapes_data_dir
+    )
     experiment = train.create_experiment(config)
     trained_before, state = helpers.train_with_frozen_backbone(experiment, 3)
     after = jax.tree.map(np.asarray, state["trained"])
