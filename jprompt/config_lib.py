@@ -40,8 +40,8 @@ CHECKPOINTS = {
 # CLIP weights are not published as .npz: convert a downloaded file once with
 # ``python -m jprompt.convert_clip`` into this directory (or point backbone.checkpoint elsewhere).
 CLIP_CHECKPOINT_DIR = "~/jprompt_models"
-CLIP_FILES = {"clip_b32": "ViT-B-32.pt", "clip_b16": "ViT-B-16.pt", "clip_l14": "ViT-L-14.pt"}
-CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in CLIP_FILES})
+RELEASED_CLIP = ("clip_b32", "clip_b16", "clip_l14")  # OpenAI's ViT-B-32.pt, ViT-B-16.pt, ...
+CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in RELEASED_CLIP})
 
 # The offline demos: tiny backbones pretrained on the procedural ``shapes`` task (shipped with
 # the package, made by ``python -m jprompt.pretrain_demo``) adapted to the ``colors`` task, which
