@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jprompt.data import normalization as normalizations
+
 FILL_VALUE = 128  # the RGB value of every pixel of a filler patch (mid-gray)
 BOX_ITERATIONS = 200  # alternating projections per solve
 EXACT_RTOL = 1e-4  # a residual within EXACT_RTOL * max(1, max |t|) counts as exact
@@ -107,34 +109,16 @@ def check_invertible(module, name: str) -> None:
         )
 
 
-# --- Input normalization as a per-channel affine map ---------------------------------------------
-
-
-def _affine(normalization: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(scale, offset)`` with ``normalized = rgb * scale + offset``: the normalizations of
-    ``jprompt.data.preprocess``, written so that they can be inverted."""
-    if normalization == "minus_one_to_one":
-        return np.full(3, 1 / 127.5, np.float32), np.full(3, -1.0, np.float32)
-    if normalization == "clip":
-        # Imported here: preprocess imports TensorFlow, which jprompt.methods (and so PGN,
-        # which imports this module) otherwise never loads.
-        from jprompt.data.preprocess import CLIP_MEAN, CLIP_STD
-
-        std, mean = np.asarray(CLIP_STD), np.asarray(CLIP_MEAN)
-        return (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
-    raise ValueError(f"unknown normalization {normalization!r}")
+# --- Input normalization (jprompt.data.normalization) ------------------------------------------
 
 
 def normalize(rgb, normalization: str) -> jax.Array:
     """RGB in [0, 255] (any dtype, channels last) -> the backbone's input space."""
-    scale, offset = _affine(normalization)
+    scale, offset = normalizations.affine(normalization)
     return jnp.asarray(rgb, jnp.float32) * scale + offset
 
 
-def to_rgb(x, normalization: str) -> jax.Array:
-    """The inverse of ``normalize``: float RGB, not clipped."""
-    scale, offset = _affine(normalization)
-    return (x - offset) / scale
+to_rgb = normalizations.to_rgb  # the inverse of ``normalize``: float RGB, not clipped
 
 
 def pixel_bounds(normalization: str, patch_size: int) -> tuple[jax.Array, jax.Array]:

@@ -12,21 +12,15 @@ import numpy as np
 import tensorflow as tf
 from etils import epath
 
-from jprompt.data.preprocess import CLIP_MEAN, CLIP_STD
+from jprompt.data import normalization as normalizations
 
 NUM_IMAGES = 16  # validation images shown per picture
 
 
 def to_unit_range(images: np.ndarray, normalization: str) -> np.ndarray:
     """Undo the input normalization and clip to [0, 1] (prompts may leave the valid range)."""
-    images = np.asarray(images, np.float32)
-    if normalization == "minus_one_to_one":
-        images = (images + 1.0) / 2.0
-    elif normalization == "clip":
-        images = images * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN)
-    else:
-        raise ValueError(f"unknown normalization {normalization!r}")
-    return np.clip(images, 0.0, 1.0)
+    rgb = normalizations.to_rgb(np.asarray(images, np.float32), normalization)
+    return np.clip(rgb / 255.0, 0.0, 1.0)
 
 
 def grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:

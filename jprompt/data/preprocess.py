@@ -13,9 +13,7 @@ import dataclasses
 
 import tensorflow as tf
 
-# CLIP's pixel statistics (OpenAI CLIP, also used by open_clip), in [0, 1] units.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from jprompt.data.normalization import CLIP_MEAN, CLIP_STD
 
 # Inception-style crop ranges (as in the ResNet/ViT ImageNet recipes).
 CROP_AREA_RANGE = (0.08, 1.0)
