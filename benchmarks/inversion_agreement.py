@@ -83,7 +83,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = load_config(_BACKBONE.value)
     results = train.train_and_evaluate(config, _WORKDIR.value)
-    experiment, trained = serve.restore(config, _WORKDIR.value)
+    experiment, trained = train.restore_best(config, _WORKDIR.value)
     client = serve.ClientModel.from_pgn(experiment.method, trained, experiment.frozen)
     served = serve.ServedModel.from_experiment(experiment, trained)
     latent_fn = jax.jit(functools.partial(experiment.method.apply, rng=None, train=False))

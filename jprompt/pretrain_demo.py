@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jprompt import checkpoint, sharding, train
+from jprompt import train
 from jprompt.models import vit_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the pretraining run.")
@@ -46,13 +46,7 @@ def main(argv):
     config = pretraining_config(_EPOCHS.value, _BACKBONE.value)
     results = train.train_and_evaluate(config, _WORKDIR.value)
     logging.info("Source task test accuracy: %.4f", results["test"]["accuracy"])
-    experiment = train.create_experiment(config)
-    checkpoints = checkpoint.Checkpoints(_WORKDIR.value)
-    abstract = checkpoint.abstract_like(
-        experiment.state["trained"], sharding.replicated(experiment.mesh)
-    )
-    trained = checkpoints.restore_best(abstract)
-    checkpoints.close()
+    experiment, trained = train.restore_best(config, _WORKDIR.value)
     params = dict(trained["params"]["backbone"])
     text = experiment.method.backbone.text
     if text is None:

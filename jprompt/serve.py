@@ -38,7 +38,7 @@ from etils import epath
 from flax import struct, traverse_util
 from ml_collections import config_flags
 
-from jprompt import checkpoint, inversion, sharding, train
+from jprompt import inversion, train
 from jprompt.data import pipeline, preprocess
 from jprompt.methods import heads, pgn
 from jprompt.models.backbones import Backbone
@@ -212,7 +212,8 @@ class ServedModel:
 
     @classmethod
     def from_experiment(cls, experiment: train.Experiment, trained: dict) -> "ServedModel":
-        """The backbone and head of a run (``restore``), with its dataset's class names."""
+        """The backbone and head of a run (``train.restore_best``), with its dataset's class
+        names."""
         data = experiment.config.dataset
         info = pipeline.dataset_info(data.name, data.train_split, data_dir=data.data_dir or None)
         return cls.from_trained(
@@ -289,23 +290,6 @@ def query(url: str, png: bytes, *, timeout: float = 60.0) -> dict:
 # --- From a trained run --------------------------------------------------------------------------
 
 
-def restore(config, workdir) -> tuple[train.Experiment, dict]:
-    """The experiment of ``config`` and the best trained state saved in ``workdir``."""
-    experiment = train.create_experiment(config)
-    checkpoints = checkpoint.Checkpoints(workdir)
-    try:
-        if checkpoints.best_metrics() is None:
-            raise FileNotFoundError(
-                f"{workdir} holds no trained state; train it first with python -m jprompt.main"
-            )
-        replicated = sharding.replicated(experiment.mesh)
-        abstract = checkpoint.abstract_like(experiment.state["trained"], replicated)
-        trained = checkpoints.restore_best(abstract)
-    finally:
-        checkpoints.close()
-    return experiment, trained
-
-
 def _define_flags() -> None:
     """The command line's flags; defined only when run as a script, so that importing this
     module next to another absl program (the benchmarks do) defines none."""
@@ -334,7 +318,7 @@ def main(argv):
     args = flags.FLAGS
     mode = args.mode
     if mode in ("export", "serve"):
-        experiment, trained = restore(args.config, args.workdir)
+        experiment, trained = train.restore_best(args.config, args.workdir)
         if mode == "export":
             client = ClientModel.from_pgn(experiment.method, trained, experiment.frozen)
             client.save(args.client_file)

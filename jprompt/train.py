@@ -491,5 +491,22 @@ def _write_pictures(experiment, trained, step, writer, workdir) -> None:
         visualize.write_png(workdir / "images" / f"{name}_{step}.png", picture)
 
 
+def restore_best(config: ConfigDict, workdir) -> tuple[Experiment, dict]:
+    """The experiment of ``config`` and the best trained state saved in ``workdir``."""
+    experiment = create_experiment(config)
+    checkpoints = checkpoint.Checkpoints(workdir)
+    try:
+        if checkpoints.best_metrics() is None:
+            raise FileNotFoundError(
+                f"{workdir} holds no trained state; train it first with python -m jprompt.main"
+            )
+        replicated = sharding.replicated(experiment.mesh)
+        abstract = checkpoint.abstract_like(experiment.state["trained"], replicated)
+        trained = checkpoints.restore_best(abstract)
+    finally:
+        checkpoints.close()
+    return experiment, trained
+
+
 def _count(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
