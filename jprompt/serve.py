@@ -188,16 +188,23 @@ class ServedModel:
     """The frozen backbone and its head; nothing about PGN."""
 
     params: dict  # the backbone's parameters, as trained with
-    head: dict  # linear {"kernel", "bias"} or zero-shot {"class_embeddings", "logit_scale"}
+    head_params: dict  # {"head": linear head} or {} (as in a method's trained params)
+    head_frozen: dict  # {"zeroshot_head": ...} or {} (as in a method's frozen tree)
     backbone: Backbone = struct.field(pytree_node=False)
     class_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
     def from_trained(cls, backbone: Backbone, trained: dict, frozen: dict, class_names=()):
         """The head of a method's state: a trained linear head, else the frozen zero-shot one."""
-        params = trained["params"]
-        head = params["head"] if "head" in params else frozen["zeroshot_head"]
-        return cls(jax.device_get(frozen["backbone"]), jax.device_get(head), backbone, class_names)
+        head_params = {k: v for k, v in trained["params"].items() if k == "head"}
+        head_frozen = {k: v for k, v in frozen.items() if k == "zeroshot_head"}
+        return cls(
+            jax.device_get(frozen["backbone"]),
+            jax.device_get(head_params),
+            jax.device_get(head_frozen),
+            backbone,
+            class_names,
+        )
 
     def logits(self, images) -> jax.Array:
         """RGB images in [0, 255] (uint8 or float), ``(B, S + rows P, S, 3)`` -> logits."""
@@ -228,9 +235,7 @@ def _served_logits(model: ServedModel, images: jax.Array) -> jax.Array:
     rows = images.shape[1] // backbone.module.patch_size - grid
     params = inversion.with_extra_rows(model.params, grid, rows)
     features, _ = backbone.features(params, inversion.normalize(images, backbone.normalization))
-    if "class_embeddings" in model.head:
-        return heads.apply_zeroshot_head(model.head, features)
-    return heads.apply_linear_head(model.head, features)
+    return heads.head_logits(model.head_params, model.head_frozen, features)
 
 
 def encode_png(image) -> bytes:

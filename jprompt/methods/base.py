@@ -53,9 +53,7 @@ class Method(abc.ABC):
         return {}, {"zeroshot_head": self.zeroshot.variables()}
 
     def head_logits(self, params: dict, frozen: dict, features: jax.Array) -> jax.Array:
-        if self.zeroshot is None:
-            return heads.apply_linear_head(params["head"], features)
-        return heads.apply_zeroshot_head(frozen["zeroshot_head"], features)
+        return heads.head_logits(params, frozen, features)
 
     @abc.abstractmethod
     def init(self, rng: jax.Array, backbone_params: dict) -> tuple[dict, dict]:

@@ -57,6 +57,14 @@ class ZeroShotHead:
         }
 
 
+def head_logits(params: dict, frozen: dict, features: jax.Array) -> jax.Array:
+    """The head a method's trees hold: the frozen ``frozen["zeroshot_head"]`` if there is one,
+    else the trained linear ``params["head"]`` (see ``jprompt.methods.base``)."""
+    if "zeroshot_head" in frozen:
+        return apply_zeroshot_head(frozen["zeroshot_head"], features)
+    return apply_linear_head(params["head"], features)
+
+
 def apply_zeroshot_head(variables: dict, features: jax.Array) -> jax.Array:
     features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
     cosine = features @ variables["class_embeddings"].astype(features.dtype).T
