@@ -8,7 +8,8 @@ Args (comma-separated after the file name):
   backbone=NAME    a backbone from jprompt.models.backbones.NAMES (default vit_b16, the augreg
                    IN-21k file; clip_b32 for the VP paper's CLIP setting)
   head=NAME        linear or zeroshot (default: zeroshot on CLIP, linear on ViT)
-  dataset=NAME     a tfds dataset name (default cifar100)
+  dataset=NAME     a preset of jprompt.data.presets (cifar10, eurosat, ...) or any tfds name
+                   (default cifar100)
   prompt_size=P    width of the VP frame in pixels (default 30 at 224px; 4 in the demo)
   region_size=S    side of a mask region in pixels, must divide the image size (default 32:
                    7x7 regions at 224px; 8 in the demo: 4x4 regions at 32px). The convergence
@@ -66,3 +67,18 @@ def get_config(arg=None):
         config.optim.warmup_steps = 20
         config.num_epochs = 5
     return config_lib.lock(config)
+
+
+PROMPT_SIZES = (5, 30, 60, 90, 112)  # the papers' sweep at 224px; 112 covers the whole image
+
+
+def sweep(add, arg=None, name="prompt_size"):
+    """Sweeps (python -m jprompt.sweep --sweep=NAME): prompt_size over PROMPT_SIZES, or seeds
+    (this config once, repeated for --seeds)."""
+    if name == "prompt_size":
+        for size in PROMPT_SIZES:
+            add(arg=config_lib.with_args(arg, prompt_size=size))
+    elif name == "seeds":
+        add()
+    else:
+        raise ValueError(f"unknown sweep {name!r}; valid choices: ['prompt_size', 'seeds']")

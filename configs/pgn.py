@@ -107,3 +107,10 @@ def get_config(arg=None):
         config.optim.schedule_unit = "step"
         config.num_epochs = DEMO_EPOCHS
     return config_lib.lock(config)
+
+
+def sweep(add, arg=None, name="seeds"):
+    """python -m jprompt.sweep --sweep=seeds: this config once, repeated for --seeds."""
+    if name != "seeds":
+        raise ValueError(f"unknown sweep {name!r}; valid choices: ['seeds']")
+    add()

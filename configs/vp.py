@@ -13,7 +13,8 @@ Args (comma-separated after the file name):
                   ~/jprompt_models/clip_b32.npz). A ViT (e.g. vit_b16, the augreg IN-21k file)
                   gets a linear head that trains next to the prompt.
   head=NAME       zeroshot or linear (default: zeroshot on CLIP, linear on ViT)
-  dataset=NAME    a tfds dataset name (default cifar100)
+  dataset=NAME    a preset of jprompt.data.presets (cifar10, eurosat, clevr_count, ...) or
+                  any tfds name (default cifar100)
   prompt_size=P   width of the frame, or side of the patch, in pixels (default 30 at 224px)
   prompter=NAME   padding (default: the frame), fixed_patch (one P x P patch at the top-left
                   corner) or random_patch (that patch at a random place on every forward pass,
@@ -67,3 +68,18 @@ def get_config(arg=None):
         config.optim.warmup_steps = 20
         config.num_epochs = 5
     return config_lib.lock(config)
+
+
+PROMPT_SIZES = (5, 30, 60, 90, 112)  # the papers' sweep at 224px; 112 covers the whole image
+
+
+def sweep(add, arg=None, name="prompt_size"):
+    """Sweeps (python -m jprompt.sweep --sweep=NAME): prompt_size over PROMPT_SIZES, or seeds
+    (this config once, repeated for --seeds)."""
+    if name == "prompt_size":
+        for size in PROMPT_SIZES:
+            add(arg=config_lib.with_args(arg, prompt_size=size))
+    elif name == "seeds":
+        add()
+    else:
+        raise ValueError(f"unknown sweep {name!r}; valid choices: ['prompt_size', 'seeds']")

@@ -6,6 +6,9 @@ r"""VPT: learned prompt tokens in a frozen ViT, shallow or deep (Jia et al. 2022
         --workdir=/tmp/vpt_cifar100
     python -m jprompt.main --config=configs/vpt.py:deep,num_tokens=50,dataset=dtd \
         --workdir=/tmp/vpt_deep_dtd
+    python -m jprompt.main --config=configs/vpt.py:dataset=vtab/dtd,deep --workdir=/tmp/vtab_dtd
+    python -m jprompt.sweep --config=configs/vpt.py:dataset=vtab/dtd,deep --sweep=lr_wd \
+        --workdir=/tmp/vtab_dtd_sweep        # the 40-point lr x wd grid, as commands
 
 Args (comma-separated after the file name):
   deep            VPT-deep: a fresh set of tokens before every layer (default: shallow)
@@ -14,7 +17,11 @@ Args (comma-separated after the file name):
                   IN-21k file); on a CLIP backbone the tokens follow the class token and
                   enter before ln_pre
   head=NAME       linear or zeroshot (default: zeroshot on CLIP, linear on ViT)
-  dataset=NAME    a tfds dataset name (default cifar100)
+  dataset=NAME    a preset of jprompt.data.presets (vtab/dtd, fgvc/cub, cifar100, ...) or any
+                  tfds name (default cifar100); the preset sets splits, classes, preprocessing
+  trainval        train on the preset's train+validation split (VTAB: train800val200), VPT's
+                  final run once lr and wd were chosen on val200; the validation split then
+                  overlaps training, so report the test accuracy, not the selection
   demo            offline: the shipped tiny ViT pretrained on jprompt_shapes/shapes, adapted to
                   jprompt_shapes/colors at 32px (8 classes, chance 0.125) in about a minute on 2
                   CPU cores; test accuracy with seed 0: 0.821 shallow (1,160 trainable
@@ -30,7 +37,13 @@ The defaults here are one point of that grid, not a tuned value: lr 0.25 x batch
 batch 128) and wd 1e-4 (the official base-prompt.yaml's default); override with
 ``--config.optim.lr=... --config.optim.weight_decay=...`` to search. The head (He-normal
 fan_out, bias -log(99)) trains with the same lr as the prompts, as in the official code.
-Images are resized to 224 with no augmentation (VPT's VTAB setting).
+Images are resized to 224 with no augmentation (VPT's VTAB setting); the fgvc/* presets
+switch to VPT's FGVC augmentation (resize 256, random crop 224, flip).
+
+Sweeps (python -m jprompt.sweep --sweep=NAME, each run repeated for --seeds):
+  lr_wd        the grid above: lr {50 ... 0.05} x batch/256, wd {0.01, 1e-3, 1e-4, 0}
+  num_tokens   prompt lengths {1, 5, 10, 50, 100, 200} (batch 64 from 100 tokens on)
+  seeds        this config once (for repeated seeds)
 
 The demo trains 5 epochs at lr 0.25 (prompts and head), warming up over the first 20 steps and
 stepping the cosine per step (with only 5 epochs, a per-epoch schedule would spend the whole
@@ -40,8 +53,12 @@ random VPT head init made the first epoch diverge (train loss up to 34 at lr 0.5
 """
 
 from jprompt import config_lib
+from jprompt.data import presets
 
 BASE_LR = 0.25  # per 256 examples; VPT's grid point, scaled by batch/256 below
+LR_GRID = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # per 256 examples
+WD_GRID = (0.01, 1e-3, 1e-4, 0.0)
+PROMPT_LENGTHS = (1, 5, 10, 50, 100, 200)
 WEIGHT_DECAY = 1e-4
 DEEP_DROPOUT = 0.1
 DEMO_LR = 0.25
@@ -56,9 +73,12 @@ def get_config(arg=None):
         dataset="cifar100",
         num_tokens=10,
         deep=False,
+        trainval=False,
         demo=False,
     )
     config = config_lib.config_for_args(args)
+    if args.trainval:
+        config.dataset.train_split = _trainval_split(config.dataset.preset)
     config.method.name = "vpt"
     config.method.num_tokens = args.num_tokens
     config.method.deep = args.deep
@@ -83,3 +103,29 @@ def get_config(arg=None):
         config.optim.schedule_unit = "step"
         config.num_epochs = 5
     return config_lib.lock(config)
+
+
+def _trainval_split(preset_name: str) -> str:
+    split = presets.get(preset_name).trainval
+    if not split:
+        with_trainval = [n for n, p in presets.PRESETS.items() if p.trainval]
+        raise ValueError(
+            f"dataset {preset_name!r} has no trainval split; presets with one: {with_trainval}"
+        )
+    return split
+
+
+def sweep(add, arg=None, name="lr_wd"):
+    """VPT's searches; see the module docstring."""
+    if name == "lr_wd":
+        batch_size = get_config(arg).batch_size
+        for lr in LR_GRID:
+            for wd in WD_GRID:
+                add(**{"optim.lr": lr * batch_size / 256, "optim.weight_decay": wd})
+    elif name == "num_tokens":
+        for num_tokens in PROMPT_LENGTHS:
+            add(arg=config_lib.with_args(arg, num_tokens=num_tokens))
+    elif name == "seeds":
+        add()
+    else:
+        raise ValueError(f"unknown sweep {name!r}; valid choices: ['lr_wd', 'num_tokens', 'seeds']")

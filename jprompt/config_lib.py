@@ -6,22 +6,11 @@ against the defaults the config file declares. Single fields are overridden afte
 ``--config.optim.lr=0.1``; the configs are locked, so a misspelt field fails.
 """
 
-import dataclasses
 import importlib.resources
 
 from ml_collections import ConfigDict
 
-# Splits for datasets whose tfds version has no validation split: the last 10% of train
-# validates. Any other tfds name is accepted with the same defaults.
-DEFAULT_SPLITS = ("train[:90%]", "train[90%:]", "test")
-SPLITS = {
-    "jprompt_shapes": ("train", "validation", "test"),
-    "oxford_flowers102": ("train", "validation", "test"),
-    "dtd": ("train", "validation", "test"),
-    "food101": ("train[:90%]", "train[90%:]", "validation"),
-    "sun397": ("train", "validation", "test"),
-    "eurosat": ("train[:60%]", "train[60%:80%]", "train[80%:]"),
-}
+from jprompt.data import presets
 
 # Published checkpoints: the ImageNet-21k runs of "How to train your ViT?" (Steiner et al. 2021)
 # that its authors recommend for transfer (also big_vision's "howto-i21k" list). Point
@@ -83,6 +72,12 @@ def parse_arg(arg: str | None, **defaults) -> ConfigDict:
     return ConfigDict(args)
 
 
+def with_args(arg: str | None, **items) -> str:
+    """``arg`` with ``key=value`` items replaced or added (for sweeps over config args)."""
+    kept = [i for i in (arg or "").split(",") if i and i.partition("=")[0].strip() not in items]
+    return ",".join(kept + [f"{key}={value}" for key, value in items.items()])
+
+
 def _parse_bool(key: str, value: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "true", "yes"):
@@ -92,42 +87,37 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ValueError(f"config arg {key!r} expects true/false, got {value!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetSplits:
-    name: str
-    train: str
-    validation: str
-    test: str
-
-
-def dataset_splits(name: str) -> DatasetSplits:
-    """Train/validation/test split strings for a tfds dataset name (``builder[/config]``)."""
-    train, validation, test = SPLITS.get(name.split("/")[0].split(":")[0], DEFAULT_SPLITS)
-    return DatasetSplits(name, train, validation, test)
-
-
 def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
     config = ConfigDict()
     config.seed = 0
 
-    splits = dataset_splits(dataset)
+    preset = presets.get(dataset)
     config.dataset = ConfigDict(
         dict(
-            name=splits.name,
+            preset=preset.name,  # a jprompt.data.presets name, or the plain tfds name
+            name=preset.tfds_spec,  # what tfds reads: builder[/config][:version]
             data_dir="",  # "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-            train_split=splits.train,
-            val_split=splits.validation,
-            test_split=splits.test,
+            train_split=preset.train,
+            val_split=preset.val,  # model selection; never the test split
+            test_split=preset.test,  # evaluated once, with the selected state
+            label_map=preset.label_map,  # a presets.EXAMPLE_MAPS key; "" = the label feature
+            num_classes=preset.num_classes,  # 0 = the builder's label feature decides
         )
     )
+    # Also report the accuracy of the state that is best on the test split, labelled as such:
+    # the official VP and PGN code select on test. Never used for model selection.
+    config.report_test_selected = False
     config.input = ConfigDict(
         dict(
             image_size=DEMO_IMAGE_SIZE if demo else 224,
-            train_crop="resize",  # resize | random_resized_crop | resize_random_crop
-            eval_crop="resize",  # resize | resize_center_crop
-            flip=False,
+            train_crop=preset.train_crop,  # resize | random_resized_crop | resize_random_crop
+            eval_crop=preset.eval_crop,  # resize | resize_center_crop
+            flip=preset.flip,
             shuffle_buffer=10_000,
+            # Leave out examples whose image does not decode (counted in a warning) instead of
+            # stopping with an error that names them.
+            skip_undecodable=False,
         )
     )
     config.backbone = ConfigDict(
@@ -144,8 +134,9 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
         dict(
             # linear (trains) | zeroshot (CLIP's frozen text classifier, the CLIP default)
             name="zeroshot" if is_clip(backbone) else "linear",
-            class_names=(),  # zeroshot: () = the dataset's own class names
-            templates=(),  # zeroshot: () = the dataset's templates (jprompt.zeroshot)
+            # zeroshot: () = the dataset's own class names (the preset's, where it has them)
+            class_names=preset.class_names if isinstance(preset.class_names, tuple) else (),
+            templates=preset.templates,  # zeroshot
         )
     )
     config.optim = ConfigDict(
@@ -166,6 +157,9 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             schedule_unit="step",  # step | epoch (the schedule advances once per epoch)
         )
     )
+    # Devices along the mesh's ``model`` axis, over which the frozen backbone is sharded
+    # (jprompt.sharding); 1 replicates it on every device.
+    config.model_axis_size = 1
     config.batch_size = 128 if demo else 256
     config.eval_batch_size = 256
     config.num_epochs = 10

@@ -52,3 +52,48 @@ class Classification(metrics.Collection):
     accuracy: metrics.Accuracy
     top5_accuracy: TopFiveAccuracy
     num_examples: NumExamples
+
+
+NO_STEP = jnp.iinfo(jnp.int32).max  # FirstNonFiniteStep's value while every step was finite
+
+
+def first_nonfinite_step(output: str) -> type[metrics.Metric]:
+    """A metric holding the first ``step`` at which model output ``output`` held a NaN or Inf
+    (``NO_STEP`` if none): the training loop reports exactly where things went wrong, however
+    many steps it merges between its checks."""
+
+    @flax.struct.dataclass
+    class FirstNonFiniteStep(metrics.Metric):
+        step: jnp.ndarray
+
+        @classmethod
+        def from_model_output(cls, *, step, **model_output):
+            finite = jnp.isfinite(model_output[output]).all()
+            return cls(step=jnp.where(finite, NO_STEP, step).astype(jnp.int32))
+
+        @classmethod
+        def empty(cls):
+            return cls(step=jnp.array(NO_STEP, jnp.int32))
+
+        def merge(self, other):
+            return type(self)(step=jnp.minimum(self.step, other.step))
+
+        def compute(self):
+            return self.step
+
+    return FirstNonFiniteStep
+
+
+@flax.struct.dataclass
+class Training(metrics.Collection):
+    """``Classification``'s metrics of training steps, and the first step with non-finite values.
+
+    (Written out: clu collections take their fields from the class's own annotations.)
+    """
+
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Accuracy
+    top5_accuracy: TopFiveAccuracy
+    num_examples: NumExamples
+    first_nonfinite_input_step: first_nonfinite_step("images")
+    first_nonfinite_loss_step: first_nonfinite_step("loss")

@@ -1,7 +1,8 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-Data-parallel over every device: batches are global arrays sharded over the mesh's ``data``
-axis, the trainable state and the frozen backbone are replicated, and one jitted step updates
+Data-parallel over every device: batches are global arrays split over all devices of the mesh,
+the trainable state is replicated, the frozen backbone is replicated or, with
+``config.model_axis_size > 1``, sharded over the mesh's ``model`` axis, and one jitted step updates
 only the method's trainable tree. Progress, metrics (TensorBoard + log lines) and orbax
 checkpoints go to ``workdir``; running again with the same ``workdir`` resumes from the newest
 checkpoint, and because data order, randomness and the schedule are functions of the step, a
@@ -15,7 +16,6 @@ share of the data; only process 0 writes logs, pictures and results.
 
 import dataclasses
 import json
-import math
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -38,14 +38,16 @@ from jprompt import (
     visualize,
     zeroshot,
 )
-from jprompt.data import pipeline
+from jprompt.data import pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.evaluate import evaluate, make_eval_step
 from jprompt.methods.base import Method
-from jprompt.metrics import Classification
+from jprompt.metrics import NO_STEP, Training
 from jprompt.models import backbones
 
 RESULTS_FILE = "results.json"
+# config.report_test_selected: {step: test accuracy} after every epoch.
+TEST_EACH_EPOCH_FILE = "test_each_epoch.json"
 
 
 def make_train_step(
@@ -79,8 +81,12 @@ def make_train_step(
             **aux.get("mutable", {}),
             "params": optax.apply_updates(trained["params"], updates),
         }
-        metrics = Classification.single_from_model_output(
-            loss=loss, logits=logits, labels=batch["label"]
+        metrics = Training.single_from_model_output(
+            loss=loss,
+            logits=logits,
+            labels=batch["label"],
+            images=batch["image"],
+            step=state["step"] + 1,
         )
         new_state = {"step": state["step"] + 1, "trained": new_trained, "opt_state": opt_state}
         return new_state, metrics
@@ -121,6 +127,7 @@ class Experiment:
             start_step=start_step,
             data_dir=data.data_dir or None,
             shuffle_buffer=self.config.input.shuffle_buffer,
+            **self._example_options(),
         )
 
     def eval_batches(self, split: str):
@@ -130,6 +137,15 @@ class Experiment:
             global_batch_size=self.config.eval_batch_size,
             spec=self.spec,
             data_dir=self.config.dataset.data_dir or None,
+            **self._example_options(),
+        )
+
+    def _example_options(self) -> dict:
+        """How examples become (image, label), and what to do with bad ones."""
+        return dict(
+            label_map=self.config.dataset.label_map,
+            num_classes=self.method.num_classes,
+            skip_undecodable=self.config.input.skip_undecodable,
         )
 
     def evaluate(self, trained, split: str) -> dict[str, float]:
@@ -145,7 +161,7 @@ class Experiment:
 
 def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | None = None):
     """Build backbone, method, optimizer and jitted steps from ``config`` (no training yet)."""
-    mesh = sharding.make_mesh(devices)
+    mesh = sharding.make_mesh(devices, config.model_axis_size)
     for name, size in (
         ("batch_size", config.batch_size),
         ("eval_batch_size", config.eval_batch_size),
@@ -157,8 +173,17 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             )
     data_dir = config.dataset.data_dir or None
     train_info = pipeline.dataset_info(
-        config.dataset.name, config.dataset.train_split, data_dir=data_dir
+        config.dataset.name,
+        config.dataset.train_split,
+        data_dir=data_dir,
+        label_map=config.dataset.label_map,
     )
+    if config.dataset.num_classes not in (0, train_info.num_classes):
+        raise ValueError(
+            f"config.dataset.num_classes={config.dataset.num_classes} (preset "
+            f"{config.dataset.preset!r}) but {config.dataset.name} has "
+            f"{train_info.num_classes} classes: the preset does not fit this dataset version"
+        )
     steps_per_epoch = train_info.num_examples // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -201,7 +226,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         config=config,
         mesh=mesh,
         method=method,
-        frozen=jax.device_put(frozen, replicated),
+        frozen=jax.device_put(frozen, sharding.frozen_shardings(frozen, mesh)),
         state=jax.device_put(state, replicated),
         schedules=schedules,
         spec=spec,
@@ -228,9 +253,10 @@ def build_zeroshot_head(config: ConfigDict, backbone, class_names):
         raise ValueError(f"unknown head {config.head.name!r}; valid choices: {HEADS}")
     if config.head.name == "linear":
         return None
+    preset = presets.get(config.dataset.preset)
     return zeroshot.build_head(
         backbone.text,
-        config.head.class_names or class_names,
+        config.head.class_names or preset.clean_class_names(class_names),
         config.head.templates or zeroshot.templates_for(config.dataset.name),
         backbone_name=backbone.name,
     )
@@ -264,13 +290,30 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return diffs
 
 
-def _check_finite(values: dict[str, float], step: int, checkpoints: checkpoint.Checkpoints):
-    if not math.isfinite(values["loss"]):
-        raise FloatingPointError(
-            f"training loss became {values['loss']} at step {step}; training stopped. The last "
-            f"good checkpoint (step {checkpoints.latest_step()}) is kept. Lower optim.lr or set "
-            "optim.grad_clip_norm, then rerun with the same workdir to resume from it."
+def _check_finite(values: dict[str, float], checkpoints: checkpoint.Checkpoints) -> None:
+    """Stop at the first non-finite input or loss, naming its step (``values`` are popped)."""
+    input_step = int(values.pop("first_nonfinite_input_step"))
+    loss_step = int(values.pop("first_nonfinite_loss_step"))
+    if input_step != NO_STEP and input_step <= loss_step:
+        problem = (
+            f"the input images of step {input_step} contain NaN or Inf; check the dataset "
+            "and its preprocessing (config.input)"
         )
+    elif loss_step != NO_STEP:
+        problem = (
+            f"the training loss became NaN or Inf at step {loss_step}; lower optim.lr or set "
+            "optim.grad_clip_norm"
+        )
+    else:
+        return
+    latest = checkpoints.latest_step()
+    kept = (
+        "no checkpoint was written before it"
+        if latest is None
+        else f"the last good checkpoint (step {latest}) is kept, and rerunning with the same "
+        "workdir resumes from it"
+    )
+    raise FloatingPointError(f"{problem}. Training stopped; {kept}.")
 
 
 class _Preemption:
@@ -406,6 +449,8 @@ def _run(
             writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
             if is_main and hasattr(experiment.method, "visualize"):
                 _write_pictures(experiment, state["trained"], step, writer, workdir)
+            if config.report_test_selected:
+                _record_test_accuracy(experiment, state["trained"], step, writer, workdir, is_main)
             if val["accuracy"] > best_accuracy:
                 best_accuracy = val["accuracy"]
                 checkpoints.save_best(step, state["trained"], config_json, val)
@@ -437,7 +482,7 @@ def _run(
 def _write_train_metrics(experiment, train_metrics, step, writer, checkpoints) -> None:
     """Log the training metrics merged since the last log, failing if the loss is not finite."""
     values = {k: float(v) for k, v in train_metrics.compute().items()}
-    _check_finite(values, step, checkpoints)
+    _check_finite(values, checkpoints)
     lrs = {f"lr_{g}": float(s(step)) for g, s in experiment.schedules.items()}
     writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs)
 
@@ -457,6 +502,7 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
         "method": config.method.name,
         "backbone": config.backbone.name,
         "dataset": config.dataset.name,
+        "preset": config.dataset.preset,
         "total_steps": experiment.total_steps,
         "best_step": best_step,
         "val": best_val,
@@ -466,13 +512,41 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
     }
     writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
     if is_main:
-        # Written beside, then renamed: a job killed while writing leaves no truncated file
-        # that the next run would take as "training complete".
-        partial = workdir / f"{RESULTS_FILE}.partial"
-        partial.write_text(json.dumps(results, indent=2))
-        partial.replace(workdir / RESULTS_FILE)
+        if (workdir / TEST_EACH_EPOCH_FILE).exists():
+            results["test_selected"] = _test_selected(workdir)
+        _write_json(workdir / RESULTS_FILE, results)
     logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
     return results
+
+
+def _write_json(path: epath.Path, value) -> None:
+    """Written beside, then renamed: a job killed while writing leaves no truncated file (which
+    the next run could take for "training complete")."""
+    partial = path.parent / f"{path.name}.partial"
+    partial.write_text(json.dumps(value, indent=2))
+    partial.replace(path)
+
+
+def _record_test_accuracy(experiment, trained, step, writer, workdir, is_main) -> None:
+    """``config.report_test_selected``: the test accuracy after this epoch, kept only to report
+    the optimistic number that selecting on the test split gives; never used for selection."""
+    test = experiment.evaluate(trained, experiment.config.dataset.test_split)
+    writer.write_scalars(step, {"test_each_epoch_accuracy": test["accuracy"]})
+    if is_main:
+        path = workdir / TEST_EACH_EPOCH_FILE
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record[str(step)] = test["accuracy"]  # a resumed run redoes an epoch identically
+        _write_json(path, record)
+
+
+def _test_selected(workdir) -> dict:
+    record = json.loads((workdir / TEST_EACH_EPOCH_FILE).read_text())
+    step, accuracy = max(record.items(), key=lambda item: (item[1], -int(item[0])))
+    return {
+        "accuracy": accuracy,
+        "step": int(step),
+        "note": "selected on the test split (optimistic; as the official VP and PGN code do)",
+    }
 
 
 def _write_pictures(experiment, trained, step, writer, workdir) -> None:

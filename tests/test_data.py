@@ -6,7 +6,6 @@ tiny builder defined below, or a real builder that must fail before any download
 
 import collections
 import hashlib
-import io
 
 import numpy as np
 import pytest
@@ -17,26 +16,6 @@ from jprompt.data import pipeline, preprocess, synthetic
 from jprompt.data.preprocess import PreprocessSpec
 
 SHAPES = "jprompt_shapes/shapes"
-
-
-class JpromptBrokenImages(tfds.core.GeneratorBasedBuilder):
-    """Four examples whose image bytes are not an image (registers ``jprompt_broken_images``)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        features = {
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=["a", "b"]),
-        }
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(4):
-            yield i, {"image": io.BytesIO(b"these bytes are not an image"), "label": i % 2}
 
 
 @pytest.fixture(scope="session")
@@ -255,7 +234,7 @@ def test_dataset_info_of_a_sliced_split(shapes_dir):
     )
     assert pipeline.dataset_info(SHAPES, "test[10:47]", data_dir=shapes_dir).num_examples == 37
     with pytest.raises(ValueError, match="no feature 'fine_label'"):
-        pipeline.dataset_info(SHAPES, "test", data_dir=shapes_dir, label_key="fine_label")
+        pipeline.dataset_info(SHAPES, "test", data_dir=shapes_dir, label_map="feature:fine_label")
 
 
 def test_unknown_dataset_suggests_close_names():
@@ -412,16 +391,3 @@ def test_eval_pads_whole_batches_for_a_process_without_data(shapes_dir):
     assert [len(b) for b in batches] == [1, 1]
     np.testing.assert_array_equal(batches[0][0]["mask"], [1, 0])
     np.testing.assert_array_equal(batches[1][0]["mask"], [0, 0])
-
-
-# --- errors from bad data --------------------------------------------------------------------
-
-
-def test_undecodable_image_names_dataset_and_split(tmp_path):
-    tfds.builder("jprompt_broken_images", data_dir=str(tmp_path)).download_and_prepare()
-    kwargs = {"global_batch_size": 2, "spec": PreprocessSpec(8), "data_dir": str(tmp_path)}
-    kwargs.update(process_index=0, process_count=1)
-    with pytest.raises(ValueError, match=r"jprompt_broken_images:train\[:4\]"):
-        next(pipeline.eval_iterator("jprompt_broken_images", "train[:4]", **kwargs))
-    with pytest.raises(ValueError, match="could not decode an example of jprompt_broken_images"):
-        next(pipeline.train_iterator("jprompt_broken_images", "train", seed=0, **kwargs))

@@ -126,9 +126,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     config.unlock()
     config.optim.lr = 1e30
     config.optim.lr_by_path = (("head/.*", 1e30),)
-    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(step 4\) is kept"):
+    # Step 5 still sees the good parameters; its update explodes them, so step 6's loss is the
+    # first non-finite one, and the check after step 6 reports exactly that step.
+    with pytest.raises(FloatingPointError, match=r"loss became NaN or Inf at step 6") as error:
         train.train_and_evaluate(config, str(tmp_path))
+    assert "last good checkpoint (step 4) is kept" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+
+
+def test_non_finite_input_is_reported_with_its_step(tiny_config, tmp_path, monkeypatch):
+    config = tiny_config(log_every_steps=4)
+    clean_batches = train.Experiment.train_batches
+
+    def batches_with_a_nan_at_step_3(self, start_step=0):
+        for step, batch in enumerate(clean_batches(self, start_step), start=start_step + 1):
+            if step == 3:
+                batch = {**batch, "image": batch["image"].copy()}  # tf.data's arrays are read-only
+                batch["image"][1, 2, 3, 0] = np.nan
+            yield batch
+
+    monkeypatch.setattr(train.Experiment, "train_batches", batches_with_a_nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="input images of step 3 contain NaN") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "no checkpoint was written before it" in str(error.value)
+    checkpoints = tmp_path / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())
 
 
 def test_unwritable_workdir_fails_before_any_work(tiny_config, tmp_path):
@@ -150,3 +172,15 @@ def test_unknown_backbone_and_dataset_fail_listing_choices(tiny_config):
         train.create_experiment(tiny_config(**{"dataset.name": "cifar1000"}))
     with pytest.raises(ValueError, match=r"unknown config 'colours'.*valid configs: \['shapes'"):
         train.create_experiment(tiny_config(**{"dataset.name": "jprompt_shapes/colours"}))
+
+
+def test_test_selected_number_is_reported_apart_and_never_selects(tiny_config, tmp_path):
+    results = train.train_and_evaluate(tiny_config(report_test_selected=True), str(tmp_path))
+    each_epoch = json.loads((tmp_path / train.TEST_EACH_EPOCH_FILE).read_text())
+    assert sorted(each_epoch) == ["4", "8"]  # after each of the 2 epochs of 4 steps
+    # The honest number is the validation-selected state's: one of the per-epoch ones.
+    assert each_epoch[str(results["best_step"])] == results["test"]["accuracy"]
+    selected = results["test_selected"]
+    assert selected["accuracy"] == max(each_epoch.values()) >= results["test"]["accuracy"]
+    assert each_epoch[str(selected["step"])] == selected["accuracy"]
+    assert "optimistic" in selected["note"]

@@ -131,7 +131,7 @@ def test_names_and_parse_name():
     assert vit.parse_name("vit_ti16") == ("ti", 16)
     assert vit.parse_name("vit_tiny4") == ("tiny", 4)
     assert vit.parse_name("vit_h14") == ("h", 14)
-    assert len(vit.NAMES) == 5 * 4 + 4
+    assert len(vit.NAMES) == 6 * 4 + 4
     assert {"vit_b16", "vit_l14", "vit_s32", "vit_tiny2", "vit_tiny16"} <= set(vit.NAMES)
     assert "vit_tiny14" not in vit.NAMES and "vit_b4" not in vit.NAMES
     m = vit.create("vit_l14", num_classes=5, pool="gap")
@@ -151,7 +151,7 @@ def test_unknown_name_lists_valid_choices(name):
         vit.create(name)
     message = str(err.value)
     assert repr(name) in message
-    assert "['ti', 's', 'b', 'l', 'h', 'tiny']" in message
+    assert "['ti', 's', 'b', 'l', 'h', 'g', 'tiny']" in message
     assert "[8, 14, 16, 32]" in message
 
 

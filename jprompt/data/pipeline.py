@@ -25,14 +25,15 @@ import dataclasses
 import difflib
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from jprompt.data import synthetic
-from jprompt.data.preprocess import PreprocessSpec, decode_image, eval_transform, train_transform
+from jprompt.data import presets, synthetic
+from jprompt.data.preprocess import PreprocessSpec, eval_transform, train_transform
 
 # JAX owns the accelerators; TensorFlow only runs the input pipeline on the CPU. Setting this
 # fails once TF has initialised its devices, in which case it is too late to matter here.
@@ -84,15 +85,19 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
         raise ValueError(_unknown_dataset_message(name)) from e
     if builder.is_prepared():
         return builder
-    if builder.name == synthetic.JpromptShapes.name:
-        builder.download_and_prepare()  # offline, a few seconds
+    # Offline: generated (a few seconds), or read from local files in <data_dir>/downloads/manual.
+    if builder.name in (synthetic.JpromptShapes.name, presets.LOCAL_FOLDER):
+        builder.download_and_prepare()
         return builder
     root = str(builder.data_dir_root)
+    if data_dir and not tf.io.gfile.exists(data_dir):
+        raise FileNotFoundError(f"dataset directory data_dir={data_dir!r} does not exist")
     raise FileNotFoundError(
         f"tfds dataset {name!r} is not prepared in data_dir={root!r}, and jprompt does not "
         f"download datasets itself (tfds would retry for minutes without network). Prepare it "
         f"once on a machine with network: `tfds build {name} --data_dir {root}`; or pass a "
         "data_dir that holds a prepared copy, e.g. the public gs://tfds-data/datasets."
+        + presets.manual_download_help(builder, root)
     )
 
 
@@ -103,23 +108,47 @@ def _check_keys(builder, name: str, *keys: str) -> None:
             raise ValueError(f"dataset {name!r} has no feature {key!r}; it has {list(features)}")
 
 
+def _split_size(builder, name: str, split: str) -> int:
+    """Examples in ``split``; an unknown or empty split fails listing the dataset's splits."""
+    splits = {s: info.num_examples for s, info in builder.info.splits.items()}
+    try:
+        size = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"bad split {split!r} of dataset {name!r}: {e} Splits: {splits}") from e
+    if not size:
+        raise ValueError(f"split {split!r} of dataset {name!r} has no examples; splits: {splits}")
+    return size
+
+
 def dataset_info(
     name: str,
     split: str,
     *,
     data_dir: str | None = None,
-    image_key: str = "image",
-    label_key: str = "label",
+    label_map: str = "",
 ) -> DatasetInfo:
-    """Classes and size of ``name``'s ``split`` (prepares ``jprompt_shapes`` if needed)."""
+    """Classes and size of ``name``'s ``split`` (prepares ``jprompt_shapes`` if needed).
+
+    ``label_map`` names how examples become (image, label): ``presets.example_map``.
+    """
     builder = load_builder(name, data_dir)
-    _check_keys(builder, name, image_key, label_key)
+    example_map = presets.example_map(label_map)
+    _check_keys(builder, name, example_map.image_key, *example_map.features)
+    num_examples = _split_size(builder, name, split)
+    if example_map.num_classes:
+        return DatasetInfo(example_map.num_classes, example_map.class_names, num_examples)
+    label = _class_label(builder, name, example_map.features[0])
+    return DatasetInfo(label.num_classes, tuple(label.names), num_examples)
+
+
+def _class_label(builder, name: str, label_key: str) -> tfds.features.ClassLabel:
     label = builder.info.features[label_key]
-    return DatasetInfo(
-        num_classes=label.num_classes,
-        class_names=tuple(label.names),
-        num_examples=builder.info.splits[split].num_examples,
-    )
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise ValueError(
+            f"feature {label_key!r} of {name!r} is not a ClassLabel, so its classes are unknown; "
+            "pass num_classes"
+        )
+    return label
 
 
 def _process(process_index, process_count, global_batch_size) -> tuple[int, int, int]:
@@ -135,15 +164,133 @@ def _process(process_index, process_count, global_batch_size) -> tuple[int, int,
     return index, count, global_batch_size // count
 
 
-def _read_share(builder, split, index, count, image_key, label_key) -> tf.data.Dataset:
-    """(encoded image bytes, label) of this process's share, in file order."""
-    share = tfds.even_splits(split, count)[index]
-    ds = builder.as_dataset(
-        split=share,
-        shuffle_files=False,
-        decoders={image_key: tfds.decode.SkipDecoding()},  # decoded after any skip
-    )
-    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+# Marks the assertion a bad label trips inside the tf.data graph, to tell it from a decode error.
+_LABEL_ASSERTION = "jprompt: label out of range"
+_NAMED_AT_MOST = 5  # bad examples named in an error or warning
+# (data_dir, split share, image key) -> positions of undecodable examples, and the first ids.
+_UNDECODABLE: dict[tuple[str, str, str], tuple[tuple[int, ...], list[str]]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """This process's share of a split (``tfds.even_splits``), and what went wrong in it.
+
+    Examples are read in file order as (position in the share, encoded image bytes, label):
+    a position names the same example in every run, and images are decoded later, after any
+    skip. Errors name examples by their tfds id (``<file>__<index>``).
+    """
+
+    builder: tfds.core.DatasetBuilder
+    name: str
+    split: str
+    index: int
+    count: int
+    example_map: presets.ExampleMap
+    num_classes: int
+
+    @property
+    def tfds_split(self) -> str:
+        return tfds.even_splits(self.split, self.count)[self.index]
+
+    @property
+    def context(self) -> str:
+        return f"{self.name}:{self.split} (process share {self.index} of {self.count})"
+
+    @property
+    def size(self) -> int:
+        return self.builder.info.splits[self.tfds_split].num_examples
+
+    def _read(self, *, add_tfds_id: bool = False) -> tf.data.Dataset:
+        return self.builder.as_dataset(
+            split=self.tfds_split,
+            shuffle_files=False,
+            decoders={self.example_map.image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(add_tfds_id=add_tfds_id),
+        ).enumerate()
+
+    def examples(self, *, skip_undecodable: bool) -> tuple[tf.data.Dataset, int]:
+        """(position, encoded image, label) of the share, and how many there are.
+
+        A label outside ``[0, num_classes)`` stops iteration (``explain`` names it).
+        ``skip_undecodable`` leaves out the examples whose image does not decode, found by one
+        decoding pass over the share the first time (a warning counts and names them).
+        """
+
+        def unpack(position, example):
+            image, label = self.example_map.fn(example)
+            in_range = tf.logical_and(label >= 0, label < self.num_classes)
+            with tf.control_dependencies([tf.debugging.Assert(in_range, [_LABEL_ASSERTION])]):
+                return position, image, tf.identity(label)
+
+        ds = self._read().map(unpack)
+        if not skip_undecodable:
+            return ds, self.size
+        bad, ids = self.undecodable()
+        if not bad:
+            return ds, self.size
+        if len(bad) == self.size:
+            raise ValueError(f"no example of {self.context} decodes as an image: {ids}, ...")
+        logging.warning("Skipping %d undecodable examples of %s: %s", len(bad), self.context, ids)
+        bad_positions = tf.constant(bad, tf.int64)
+        ds = ds.filter(lambda position, *_: tf.reduce_all(position != bad_positions))
+        return ds, self.size - len(bad)
+
+    def undecodable(self) -> tuple[tuple[int, ...], list[str]]:
+        """Positions of the examples whose image does not decode, and the first few's ids."""
+        key = (str(self.builder.data_dir), self.tfds_split, self.example_map.image_key)
+        if key not in _UNDECODABLE:
+            decode = self.example_map.decode
+
+            def decoded_height(position, example):
+                return position, tf.shape(decode(self.example_map.fn(example)[0]))[0]
+
+            decoded = self._read().map(decoded_height, num_parallel_calls=_AUTOTUNE)
+            good = {int(position) for position, _ in decoded.ignore_errors().as_numpy_iterator()}
+            bad = tuple(sorted(set(range(self.size)) - good))
+            _UNDECODABLE[key] = bad, self.example_ids(bad[:_NAMED_AT_MOST])
+        return _UNDECODABLE[key]
+
+    def example_ids(self, positions: Sequence[int]) -> list[str]:
+        """The tfds ids of the examples at ``positions`` (sorted)."""
+        if not positions:
+            return []
+        wanted = set(positions)
+        ds = self._read(add_tfds_id=True).take(max(wanted) + 1)
+        ds = ds.filter(lambda position, _: tf.reduce_any(position == list(wanted)))
+        return [ex["tfds_id"].decode() for _, ex in ds.as_numpy_iterator()]
+
+    def explain(self, error: tf.errors.InvalidArgumentError) -> ValueError:
+        """An error naming the examples behind ``error``, raised while reading this share."""
+        if _LABEL_ASSERTION in error.message:
+            labels = self._read().map(lambda p, ex: (p, self.example_map.fn(ex)[1]))
+            labels = labels.filter(lambda _, label: (label < 0) | (label >= self.num_classes))
+            bad = list(labels.take(_NAMED_AT_MOST).as_numpy_iterator())
+            ids = self.example_ids([position for position, _ in bad])
+            pairs = zip(ids, bad, strict=True)
+            named = ", ".join(f"{i} (label {label})" for i, (_, label) in pairs)
+            return ValueError(
+                f"labels of {self.context} must be in [0, {self.num_classes}) for the model's "
+                f"{self.num_classes} classes; out of range: {named}"
+            )
+        bad, ids = self.undecodable()
+        if not bad:
+            return ValueError(f"could not read an example of {self.context}: {error.message}")
+        return ValueError(
+            f"{len(bad)} example(s) of {self.context} could not be decoded as images: {ids}"
+            f"{', ...' if len(bad) > len(ids) else ''}. Set skip_undecodable=True "
+            "(config.input.skip_undecodable) to leave them out."
+        )
+
+
+def _share(builder, name, split, index, count, label_map, num_classes) -> _Share:
+    example_map = presets.example_map(label_map)
+    _check_keys(builder, name, example_map.image_key, *example_map.features)
+    _split_size(builder, name, split)
+    if num_classes is None:
+        num_classes = example_map.num_classes or (
+            _class_label(builder, name, example_map.features[0]).num_classes
+        )
+    return _Share(builder, name, split, index, count, example_map, num_classes)
 
 
 def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -152,8 +299,8 @@ def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-def numpy_batches(ds: tf.data.Dataset, context: str) -> Iterator[dict]:
-    """Iterate ``ds`` as numpy; an undecodable example fails naming ``context``."""
+def numpy_batches(ds: tf.data.Dataset, share: _Share) -> Iterator[dict]:
+    """Iterate ``ds`` as numpy; a bad example fails naming it (``_Share.explain``)."""
     iterator = ds.as_numpy_iterator()
     while True:
         try:
@@ -161,7 +308,7 @@ def numpy_batches(ds: tf.data.Dataset, context: str) -> Iterator[dict]:
         except StopIteration:
             return
         except tf.errors.InvalidArgumentError as e:
-            raise ValueError(f"could not decode an example of {context}: {e.message}") from e
+            raise share.explain(e) from e
         yield batch
 
 
@@ -177,21 +324,27 @@ def train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     shuffle_buffer: int = 10_000,
-    image_key: str = "image",
-    label_key: str = "label",
+    label_map: str = "",
+    num_classes: int | None = None,
+    skip_undecodable: bool = False,
 ) -> Iterator[dict]:
     """Endless shuffled, augmented host-local batches ``{"image", "label"}``.
 
     Yields float32 ``(b, S, S, 3)`` images and int32 ``(b,)`` labels, ``b = global_batch_size
     // process_count``. A function of (dataset, seed, process_index, step): ``start_step=s``
-    continues exactly as an uninterrupted iterator after ``s`` batches.
+    continues exactly as an uninterrupted iterator after ``s`` batches. ``label_map`` names how
+    examples become (image, label) (``presets.example_map``; default: the ``image`` and
+    ``label`` features). Labels must lie in ``[0, num_classes)`` (default: the label map's or
+    the label feature's classes); an undecodable image fails naming it, or is left out with
+    ``skip_undecodable``.
     """
     index, count, batch = _process(process_index, process_count, global_batch_size)
     builder = load_builder(name, data_dir)
-    _check_keys(builder, name, image_key, label_key)
-    if not builder.info.splits[tfds.even_splits(split, count)[index]].num_examples:
+    share = _share(builder, name, split, index, count, label_map, num_classes)
+    if not share.size:
         raise ValueError(f"{name}:{split} has no examples for process {index} of {count}")
-    ds = _read_share(builder, split, index, count, image_key, label_key)
+    ds, _ = share.examples(skip_undecodable=skip_undecodable)
+    ds = ds.map(lambda position, encoded, label: (encoded, label))
     # crc32, not hash(): Python salts hashes per process, and this must not change on restart.
     shuffle_seed = zlib.crc32(f"{seed}/{index}".encode())
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
@@ -201,12 +354,12 @@ def train_iterator(
     def prepare(position, example):
         encoded, label = example
         example_seed = tf.random.fold_in(base_seed, position)
-        image = train_transform(decode_image(encoded), example_seed, spec)
+        image = train_transform(share.example_map.decode(encoded), example_seed, spec)
         return {"image": image, "label": label}
 
     ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE)
     ds = _deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
-    return numpy_batches(ds, f"{name}:{split} (process share {index} of {count})")
+    return numpy_batches(ds, share)
 
 
 def _eval_plan(builder, split, count, batch) -> tuple[list[int], int]:
@@ -237,21 +390,24 @@ def eval_iterator(
     data_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-    image_key: str = "image",
-    label_key: str = "label",
+    label_map: str = "",
+    num_classes: int | None = None,
+    skip_undecodable: bool = False,
 ) -> Iterator[dict]:
     """One pass over this process's share: ``{"image", "label", "mask"}`` host-local batches.
 
     Every example appears once with ``mask`` 1.0; the rest of the last batch, and any whole
-    batches a smaller share needs to match the largest, are zeros with ``mask`` 0.0.
+    batches a smaller share needs to match the largest, are zeros with ``mask`` 0.0. Labels and
+    undecodable images are handled as in ``train_iterator`` (skipped examples are not counted).
     """
     index, count, batch = _process(process_index, process_count, global_batch_size)
     builder = load_builder(name, data_dir)
-    _check_keys(builder, name, image_key, label_key)
-    sizes, num_batches = _eval_plan(builder, split, count, batch)
+    share = _share(builder, name, split, index, count, label_map, num_classes)
+    _, num_batches = _eval_plan(builder, split, count, batch)
 
-    def prepare(encoded, label):
-        image = eval_transform(decode_image(encoded), spec)
+    def prepare(position, encoded, label):
+        del position
+        image = eval_transform(share.example_map.decode(encoded), spec)
         return {"image": image, "label": label, "mask": tf.constant(1.0)}
 
     size = spec.image_size
@@ -260,11 +416,12 @@ def eval_iterator(
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(0.0),
     }
-    padding = tf.data.Dataset.from_tensors(blank).repeat(num_batches * batch - sizes[index])
-    if sizes[index]:
-        ds = _read_share(builder, split, index, count, image_key, label_key)
-        ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE).concatenate(padding)
+    if share.size:
+        examples, num_examples = share.examples(skip_undecodable=skip_undecodable)
     else:  # tfds cannot read an empty share: this process only pads
-        ds = padding
+        examples, num_examples = None, 0
+    ds = tf.data.Dataset.from_tensors(blank).repeat(num_batches * batch - num_examples)
+    if examples is not None:
+        ds = examples.map(prepare, num_parallel_calls=_AUTOTUNE).concatenate(ds)
     ds = _deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
-    return numpy_batches(ds, f"{name}:{split} (process share {index} of {count})")
+    return numpy_batches(ds, share)

@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "b": (768, 12, 3072, 12),
     "l": (1024, 24, 4096, 16),
     "h": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),  # ViT-g (Zhai et al. 2022, "Scaling Vision Transformers")
     "tiny": (64, 2, 128, 2),  # for tests and offline demos only
 }
 REAL_PATCH_SIZES = (8, 14, 16, 32)

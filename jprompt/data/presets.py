@@ -1,0 +1,633 @@
+"""Dataset presets: one entry per dataset the papers use, so a run names a dataset, not a recipe.
+
+A preset fixes what the papers' protocols fix and tfds does not: which tfds builder and version,
+the train / validation / test split strings, the number of classes, class names fit for CLIP
+text prompts, the CLIP templates, how a label is derived when the task is not the builder's
+``label`` feature (CLEVR count, dSprites location, ...), and preprocessing defaults.
+
+Groups:
+- the 12 VP / PGN datasets (``cifar10`` ... ``clevr_count``). The official VP and PGN code
+  select on the test split; here validation is held out of train where tfds has no validation
+  split, and the test split is only evaluated at the end.
+- the 19 VTAB-1k tasks (``vtab/<task>``): ``train800`` / ``val200`` / ``test`` exactly as the
+  VTAB code (google-research/task_adaptation, reused by VPT) slices them: 800 from the start of
+  the tfds train split, 200 validation examples from the start of the task's own validation
+  part (tfds ``validation``, or the first example after the task's train part of tfds
+  ``train``), and the task's full test split. ``trainval`` is ``train800val200``, the final
+  training set once lr / wd were chosen on ``val200``.
+- FGVC (``fgvc/<name>``, VPT's fine-grained benchmark): tfds builders, 10% of train held out
+  (VPT's own split files are random 10% too). NABirds is not in tfds: see ``LOCAL_FOLDER``.
+- ``jprompt_shapes/*``, the offline demo datasets.
+
+Any other tfds name works with ``DEFAULT_SPLITS`` and the builder's own labels.
+"""
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Callable
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jprompt.data.preprocess import decode_image
+
+# Used for tfds names that have no preset: tfds has no validation split for most datasets.
+DEFAULT_SPLITS = ("train[:90%]", "train[90%:]", "test")
+DEFAULT_TEMPLATES = ("This is a photo of a {}",)  # VP and PGN code
+CLIP_CIFAR100_TEMPLATES = ("A photo of a {}",)  # PGN code for CIFAR-100
+CLIP_COUNT_TEMPLATES = ("This is a photo of {} objects",)  # PGN code for CLEVR
+FROM_TFDS = "from tfds"
+
+
+# --- derived labels: (example with the image still encoded) -> (encoded image, int32 label) ---
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleMap:
+    """How a tfds example becomes ``(encoded image, label)``.
+
+    ``image_key`` is read undecoded (the pipeline decodes after skipping); ``features`` are
+    the other features ``fn`` reads; ``pixel_scale`` multiplies decoded pixels (dSprites stores
+    0/1). ``num_classes``/``class_names`` replace the builder's for derived labels (0/() keep
+    the builder's ``label`` feature).
+    """
+
+    fn: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
+    image_key: str = "image"
+    features: tuple[str, ...] = ("label",)
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    pixel_scale: int = 1
+
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+        """Encoded bytes -> uint8 ``(H, W, 3)`` (grayscale repeated to 3 channels)."""
+        image = decode_image(encoded)
+        return image * self.pixel_scale if self.pixel_scale != 1 else image
+
+
+def _label(x) -> tf.Tensor:
+    return tf.cast(x, tf.int32)
+
+
+def _bucket(value: tf.Tensor, thresholds) -> tf.Tensor:
+    """Index of the last threshold strictly below ``value`` (VTAB's distance bins)."""
+    below = tf.cast(tf.constant(thresholds, tf.float32) < tf.cast(value, tf.float32), tf.int32)
+    return tf.reduce_sum(below) - 1
+
+
+def _clevr_count(ex):
+    # 3 to 10 objects -> classes 0..7
+    return ex["image"], _label(tf.size(ex["objects"]["size"]) - 3)
+
+
+# Depth (pixel_coords z) of the closest object, binned as in the VTAB code: balanced classes.
+CLEVR_DISTANCE_BINS = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
+
+
+def _clevr_distance(ex):
+    depth = tf.reduce_min(ex["objects"]["pixel_coords"][:, 2])
+    return ex["image"], _bucket(depth, CLEVR_DISTANCE_BINS)
+
+
+# KITTI closest vehicle (Car, Van, Truck: types 0-2) distance in metres; "no vehicle" is the
+# last class (an image without vehicles counts as 1000 m away).
+KITTI_DISTANCE_BINS = (-100.0, 8.0, 20.0, 999.0)
+
+
+def _kitti_distance(ex):
+    objects = ex["objects"]
+    is_vehicle = objects["type"] < 3
+    depth = tf.boolean_mask(tf.cast(objects["location"][:, 2], tf.float32), is_vehicle)
+    nearest = tf.reduce_min(tf.concat([depth, [1000.0]], axis=0))
+    return ex["image"], _bucket(nearest, KITTI_DISTANCE_BINS)
+
+
+def _coarsened(feature: str, original: int, classes: int):
+    """dSprites: ``original`` latent bins merged into ``classes`` (VTAB: floor(v / (o / c)))."""
+    factor = original / classes
+
+    def fn(ex):
+        return ex["image"], _label(tf.floor(tf.cast(ex[feature], tf.float32) / factor))
+
+    return fn
+
+
+def _feature(name: str):
+    return lambda ex: (ex["image"], _label(ex[name]))
+
+
+def _middle_frame(ex):
+    frames = ex["video"]  # encoded frames, undecoded
+    return frames[tf.shape(frames)[0] // 2], _label(ex["label"])
+
+
+def _digits(first: int, last: int) -> tuple[str, ...]:
+    return tuple(str(n) for n in range(first, last + 1))
+
+
+EXAMPLE_MAPS = {
+    "": ExampleMap(_feature("label")),
+    "clevr_count": ExampleMap(
+        _clevr_count, features=("objects",), num_classes=8, class_names=_digits(3, 10)
+    ),
+    "clevr_distance": ExampleMap(_clevr_distance, features=("objects",), num_classes=6),
+    "kitti_distance": ExampleMap(_kitti_distance, features=("objects",), num_classes=4),
+    "dsprites_location": ExampleMap(
+        _coarsened("label_x_position", 32, 16),
+        features=("label_x_position",),
+        num_classes=16,
+        pixel_scale=255,
+    ),
+    "dsprites_orientation": ExampleMap(
+        _coarsened("label_orientation", 40, 16),
+        features=("label_orientation",),
+        num_classes=16,
+        pixel_scale=255,
+    ),
+    "smallnorb_azimuth": ExampleMap(
+        _feature("label_azimuth"), features=("label_azimuth",), num_classes=18
+    ),
+    "smallnorb_elevation": ExampleMap(
+        _feature("label_elevation"), features=("label_elevation",), num_classes=9
+    ),
+    "ucf101_middle_frame": ExampleMap(_middle_frame, image_key="video"),
+}
+
+
+FEATURE_PREFIX = "feature:"  # "feature:coarse_label": that feature is the label
+
+
+def example_map(name: str) -> ExampleMap:
+    """The map named ``name``: a key of ``EXAMPLE_MAPS``, or ``feature:<label feature>``."""
+    if name.startswith(FEATURE_PREFIX):
+        feature = name.removeprefix(FEATURE_PREFIX)
+        return ExampleMap(_feature(feature), features=(feature,))
+    if name not in EXAMPLE_MAPS:
+        raise ValueError(
+            f"unknown label map {name!r}; valid choices: {sorted(EXAMPLE_MAPS)} or "
+            f"'{FEATURE_PREFIX}<label feature>'"
+        )
+    return EXAMPLE_MAPS[name]
+
+
+# --- class names for CLIP text prompts, where tfds's are numbers or not words ---
+
+CIFAR10_NAMES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+# The fine labels in CIFAR-100's label order (alphabetical), as in its fine_label_names.txt.
+_CIFAR100_WORDS = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy
+    bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+    keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse
+    mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
+    porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper
+    snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
+    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"""
+CIFAR100_NAMES = tuple(_CIFAR100_WORDS.split())
+DIGIT_NAMES = _digits(0, 9)
+
+
+def _sun397_name(name: str) -> str:
+    """``/b/bakery/shop`` -> ``bakery shop``: drop the letter folder, keep the words."""
+    return " ".join(name.strip("/").split("/")[1:]).replace("_", " ")
+
+
+def _split_camel_case(name: str) -> str:
+    """``ApplyEyeMakeup`` -> ``Apply Eye Makeup`` (UCF101, EuroSAT)."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+
+
+NAME_RULES = {"sun397": _sun397_name, "camel_case": _split_camel_case}
+
+
+# --- presets ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One dataset as a protocol uses it. ``class_names``: explicit names, ``FROM_TFDS``, or
+    a key of ``NAME_RULES`` applied to tfds's names."""
+
+    name: str
+    tfds_name: str  # builder[/config]
+    version: str  # tfds version expression, e.g. "3.*.*"
+    train: str
+    val: str
+    test: str
+    num_classes: int
+    group: str  # vp | vtab-natural | vtab-specialized | vtab-structured | fgvc | demo
+    source: str  # where the split protocol comes from
+    trainval: str = ""  # final-run training split (VTAB: train800val200)
+    label_map: str = ""  # key of EXAMPLE_MAPS; "" = the builder's "label" feature
+    class_names: tuple[str, ...] | str = FROM_TFDS
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    train_crop: str = "resize"
+    eval_crop: str = "resize"
+    flip: bool = False
+    download: str = ""  # what tfds cannot fetch by itself, and where to put it
+
+    @property
+    def tfds_spec(self) -> str:
+        """``builder[/config]:version``, as ``tfds.builder`` takes it."""
+        return f"{self.tfds_name}:{self.version}" if self.version else self.tfds_name
+
+    def clean_class_names(self, tfds_names) -> tuple[str, ...]:
+        """Names for CLIP prompts; ``tfds_names`` are the builder's label names."""
+        if isinstance(self.class_names, tuple):
+            return self.class_names
+        if self.class_names == FROM_TFDS:
+            return tuple(tfds_names)
+        return tuple(NAME_RULES[self.class_names](n) for n in tfds_names)
+
+
+# tfds's own "validation" then "test": VP/PGN use the builder's splits as they are.
+_OFFICIAL = ("train", "validation", "test")
+_RESISC45_DOWNLOAD = (
+    "tfds cannot download RESISC45 (OneDrive): download NWPU-RESISC45.rar from "
+    "https://1drv.ms/u/s!AmgKYzARBl5ca3HNaHIlzp_IXjs and extract it into the manual_dir, "
+    "so that <manual_dir>/NWPU-RESISC45/<class>/<image>.jpg exist"
+)
+_RETINOPATHY_DOWNLOAD = (
+    "tfds cannot download Diabetic Retinopathy (Kaggle login): from "
+    "https://www.kaggle.com/c/diabetic-retinopathy-detection/data put train/ (train.zip.00* "
+    "unpacked), test/ (test.zip.00* unpacked), sample/, trainLabels.csv and "
+    "retinopathy_solution.csv into the manual_dir"
+)
+_CARS_DOWNLOAD = (
+    "Stanford's Cars URLs are gone: put the original cars_train.tgz, cars_test.tgz, "
+    "car_devkit.tgz and cars_test_annos_withlabels.mat into the manual_dir (tfds takes files "
+    "of those names from there instead of downloading them)"
+)
+
+
+def _vp(name, tfds_name, version, splits, num_classes, **kw) -> Preset:
+    source = "VP/PGN dataset; validation held out of train where tfds has none"
+    return Preset(name, tfds_name, version, *splits, num_classes, "vp", source, **kw)
+
+
+_VP_PRESETS = (
+    _vp("cifar10", "cifar10", "3.*.*", DEFAULT_SPLITS, 10, class_names=CIFAR10_NAMES),
+    _vp(
+        "cifar100",
+        "cifar100",
+        "3.*.*",
+        DEFAULT_SPLITS,
+        100,
+        class_names=CIFAR100_NAMES,
+        templates=CLIP_CIFAR100_TEMPLATES,
+    ),
+    _vp("dtd", "dtd", "3.*.*", _OFFICIAL, 47),
+    _vp("oxford_flowers102", "oxford_flowers102", "2.*.*", _OFFICIAL, 102),
+    # tfds's food101 "validation" is the official test set (25,250 images).
+    _vp("food101", "food101", "2.*.*", ("train[:90%]", "train[90%:]", "validation"), 101),
+    _vp(
+        "eurosat",
+        "eurosat/rgb",
+        "2.*.*",
+        ("train[:60%]", "train[60%:80%]", "train[80%:]"),
+        10,
+        class_names="camel_case",
+    ),
+    _vp("sun397", "sun397/tfds", "4.*.*", _OFFICIAL, 397, class_names="sun397"),
+    # Split 1 of UCF101, the middle frame of every clip (as CoOp's image version of it).
+    _vp(
+        "ucf101",
+        "ucf101/ucf101_1_256",
+        "2.*.*",
+        DEFAULT_SPLITS,
+        101,
+        label_map="ucf101_middle_frame",
+        class_names="camel_case",
+    ),
+    _vp("oxford_iiit_pet", "oxford_iiit_pet", "4.*.*", DEFAULT_SPLITS, 37),
+    _vp("svhn_cropped", "svhn_cropped", "3.*.*", DEFAULT_SPLITS, 10, class_names=DIGIT_NAMES),
+    _vp(
+        "resisc45",
+        "resisc45",
+        "3.*.*",
+        ("train[:60%]", "train[60%:80%]", "train[80%:]"),
+        45,
+        download=_RESISC45_DOWNLOAD,
+    ),
+    # CLEVR's test split has no scenes (no labels): its validation split is the test set.
+    _vp(
+        "clevr_count",
+        "clevr",
+        "3.*.*",
+        ("train[:90%]", "train[90%:]", "validation"),
+        8,
+        label_map="clevr_count",
+        class_names=_digits(3, 10),
+        templates=CLIP_COUNT_TEMPLATES,
+    ),
+)
+
+
+def _vtab(task, group, tfds_name, version, val200, test, num_classes, **kw) -> Preset:
+    """A VTAB-1k task: ``train[:800]``, ``val200``, and the task's test split."""
+    return Preset(
+        name=f"vtab/{task}",
+        tfds_name=tfds_name,
+        version=version,
+        train="train[:800]",
+        val=val200,
+        test=test,
+        num_classes=num_classes,
+        group=f"vtab-{group}",
+        source="VTAB-1k (task_adaptation / VPT): train800, val200, test",
+        trainval=f"train[:800]+{val200}",
+        **kw,
+    )
+
+
+def _after(train_examples: int, percent: int) -> str:
+    """VTAB's val200 for a task whose validation part starts after ``percent``% of train."""
+    start = train_examples * percent // 100
+    return f"train[{start}:{start + 200}]"
+
+
+_VTAB_PRESETS = (
+    # natural
+    _vtab("caltech101", "natural", "caltech101", "3.*.*", _after(3060, 90), "test", 102),
+    _vtab("cifar100", "natural", "cifar100", "3.*.*", _after(50000, 90), "test", 100),
+    _vtab("dtd", "natural", "dtd", "3.*.*", "validation[:200]", "test", 47),
+    _vtab(
+        "oxford_flowers102",
+        "natural",
+        "oxford_flowers102",
+        "2.*.*",
+        "validation[:200]",
+        "test",
+        102,
+    ),
+    # VTAB used oxford_iiit_pet 3.x, which current tfds no longer builds; 4.x has the same
+    # 3,680 / 3,669 train / test images.
+    _vtab("oxford_iiit_pet", "natural", "oxford_iiit_pet", "4.*.*", _after(3680, 80), "test", 37),
+    _vtab("svhn", "natural", "svhn_cropped", "3.*.*", _after(73257, 90), "test", 10),
+    _vtab("sun397", "natural", "sun397/tfds", "4.*.*", "validation[:200]", "test", 397),
+    # specialized
+    _vtab(
+        "patch_camelyon",
+        "specialized",
+        "patch_camelyon",
+        "2.*.*",
+        "validation[:200]",
+        "test",
+        2,
+    ),
+    # EuroSAT and RESISC45 have one tfds split: 60% train, 20% validation, 20% test.
+    _vtab("eurosat", "specialized", "eurosat/rgb", "2.*.*", _after(27000, 60), "train[21600:]", 10),
+    _vtab(
+        "resisc45",
+        "specialized",
+        "resisc45",
+        "3.*.*",
+        _after(31500, 60),
+        "train[25200:]",
+        45,
+        download=_RESISC45_DOWNLOAD,
+    ),
+    _vtab(
+        "diabetic_retinopathy",
+        "specialized",
+        "diabetic_retinopathy_detection/btgraham-300",
+        "3.*.*",
+        "validation[:200]",
+        "test",
+        5,
+        download=_RETINOPATHY_DOWNLOAD,
+    ),
+    # structured
+    _vtab(
+        "clevr_count",
+        "structured",
+        "clevr",
+        "3.*.*",
+        _after(70000, 90),
+        "validation",
+        8,
+        label_map="clevr_count",
+        class_names=_digits(3, 10),
+        templates=CLIP_COUNT_TEMPLATES,
+    ),
+    _vtab(
+        "clevr_distance",
+        "structured",
+        "clevr",
+        "3.*.*",
+        _after(70000, 90),
+        "validation",
+        6,
+        label_map="clevr_distance",
+    ),
+    _vtab("dmlab", "structured", "dmlab", "2.0.1", "validation[:200]", "test", 6),
+    _vtab(
+        "kitti_distance",
+        "structured",
+        "kitti",
+        "3.1.0",
+        "validation[:200]",
+        "test",
+        4,
+        label_map="kitti_distance",
+    ),
+    # dSprites has one tfds split of 737,280: 80% train, 10% validation, 10% test.
+    _vtab(
+        "dsprites_location",
+        "structured",
+        "dsprites",
+        "2.*.*",
+        _after(737280, 80),
+        "train[663552:]",
+        16,
+        label_map="dsprites_location",
+    ),
+    _vtab(
+        "dsprites_orientation",
+        "structured",
+        "dsprites",
+        "2.*.*",
+        _after(737280, 80),
+        "train[663552:]",
+        16,
+        label_map="dsprites_orientation",
+    ),
+    # smallNORB: validation is the first half of tfds's test split, test the second half.
+    _vtab(
+        "smallnorb_azimuth",
+        "structured",
+        "smallnorb",
+        "2.*.*",
+        "test[:200]",
+        "test[50%:]",
+        18,
+        label_map="smallnorb_azimuth",
+    ),
+    _vtab(
+        "smallnorb_elevation",
+        "structured",
+        "smallnorb",
+        "2.*.*",
+        "test[:200]",
+        "test[50%:]",
+        9,
+        label_map="smallnorb_elevation",
+    ),
+)
+
+
+def _fgvc(name, tfds_name, version, splits, num_classes, **kw) -> Preset:
+    """VPT's FGVC recipe: resize 256, random crop 224 and flip; evaluation centre crop 224."""
+    return Preset(
+        name=f"fgvc/{name}",
+        tfds_name=tfds_name,
+        version=version,
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        num_classes=num_classes,
+        group="fgvc",
+        source="VPT FGVC: 10% of train validates (VPT's split files: a random 10%)",
+        train_crop="resize_random_crop",
+        eval_crop="resize_center_crop",
+        flip=True,
+        **kw,
+    )
+
+
+class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
+    """Image-classification data from a local directory, for datasets tfds does not have.
+
+    Reads ``<manual_dir>/<config>/{train,test}/<class name>/<image>`` (class names are the
+    sorted folder names) into ordinary tfds records, so split slicing works as for any
+    builder. Prepared by ``jprompt.data.pipeline.load_builder`` on first use, offline.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="nabirds", description="NABirds")]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put the images into <manual_dir>/<config>/train/<class>/ and .../test/<class>/."
+    )
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=None),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        root = dl_manager.manual_dir / self.builder_config.name
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        self.info.features["label"].names = classes
+        return {
+            split: self._generate_examples(root / split, classes) for split in ("train", "test")
+        }
+
+    def _generate_examples(self, directory, classes):
+        for label, name in enumerate(classes):
+            for path in sorted((directory / name).iterdir()):
+                yield f"{name}/{path.name}", {"image": path, "label": label}
+
+
+# NABirds is not in tfds: ``local_image_folder`` reads it from a local directory of class folders.
+LOCAL_FOLDER = LocalImageFolder.name
+_NABIRDS_DOWNLOAD = (
+    "NABirds is not in tfds: arrange the images as <manual_dir>/nabirds/train/<class>/*.jpg "
+    "and <manual_dir>/nabirds/test/<class>/*.jpg (train_test_split.txt of the NABirds release "
+    "says which is which; one folder per class id)"
+)
+
+_FGVC_PRESETS = (
+    _fgvc("cub", "caltech_birds2011", "0.*.*", DEFAULT_SPLITS, 200),
+    _fgvc(
+        "nabirds", f"{LOCAL_FOLDER}/nabirds", "", DEFAULT_SPLITS, 555, download=_NABIRDS_DOWNLOAD
+    ),
+    _fgvc("oxford_flowers102", "oxford_flowers102", "2.*.*", _OFFICIAL, 102),
+    _fgvc("stanford_dogs", "stanford_dogs", "0.*.*", DEFAULT_SPLITS, 120),
+    _fgvc(
+        "stanford_cars",
+        "cars196",
+        "2.*.*",
+        DEFAULT_SPLITS,
+        196,
+        download=_CARS_DOWNLOAD,
+    ),
+)
+
+_DEMO_PRESETS = tuple(
+    Preset(
+        name=f"jprompt_shapes/{task}",
+        tfds_name=f"jprompt_shapes/{task}",
+        version="",
+        train="train",
+        val="validation",
+        test="test",
+        num_classes=classes,
+        group="demo",
+        source="jprompt's offline procedural dataset",
+    )
+    for task, classes in (("shapes", 10), ("colors", 8), ("count", 6), ("textures", 8))
+)
+
+PRESETS = {p.name: p for p in _VP_PRESETS + _VTAB_PRESETS + _FGVC_PRESETS + _DEMO_PRESETS}
+VTAB_TASKS = tuple(p.name for p in _VTAB_PRESETS)
+FGVC_TASKS = tuple(p.name for p in _FGVC_PRESETS)
+VP_DATASETS = tuple(p.name for p in _VP_PRESETS)
+GROUPS = ("vp", "vtab-natural", "vtab-specialized", "vtab-structured", "fgvc", "demo")
+_PREFIXES = ("vtab/", "fgvc/")
+
+
+def get(name: str) -> Preset:
+    """The preset ``name``; any other plain tfds name gets ``DEFAULT_SPLITS`` and tfds's labels.
+
+    ``num_classes`` 0 there means: the builder's ``label`` feature decides.
+    """
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.startswith(_PREFIXES):
+        close = difflib.get_close_matches(name, list(PRESETS), n=3)
+        prefix = name.split("/")[0] + "/"
+        valid = sorted(n for n in PRESETS if n.startswith(prefix))
+        hint = f"; did you mean {close}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint} Valid choices: {valid}")
+    base, _, version = name.partition(":")
+    train, val, test = DEFAULT_SPLITS
+    return Preset(name, base, version, train, val, test, 0, "", "tfds defaults")
+
+
+def for_builder(builder_name: str) -> list[Preset]:
+    """The presets reading tfds builder ``builder_name`` (for error messages)."""
+    return [p for p in PRESETS.values() if p.tfds_name.split("/")[0] == builder_name]
+
+
+def manual_download_help(builder: tfds.core.DatasetBuilder, data_dir_root: str) -> str:
+    """Where to put the source files of ``builder`` so that tfds prepares it without network.
+
+    tfds takes a file from its manual_dir instead of downloading it when the file has the name
+    tfds registered for that URL, so those names are listed.
+    """
+    manual_dir = f"{data_dir_root}/downloads/manual"
+    files = sorted({i.filename for i in (builder.url_infos or {}).values() if i.filename})
+    notes = [f" {p.name}: {p.download}." for p in for_builder(builder.name) if p.download]
+    if not files and not notes:
+        return ""
+    listed = f" ({', '.join(files)})" if files else ""
+    return (
+        f" Without network, put the source files{listed} into {manual_dir} and run "
+        f"`tfds build {builder.name} --data_dir {data_dir_root} --manual_dir {manual_dir}`."
+        + "".join(notes)
+    )

@@ -1,0 +1,164 @@
+r"""Collect a sweep's ``results.json`` files into a table, beside the papers' numbers.
+
+    python -m jprompt.tables /tmp/vtab_sweep                   # markdown
+    python -m jprompt.tables /tmp/vtab_sweep --format=csv
+    python -m jprompt.tables /tmp/vtab_sweep --test_selected   # + the optimistic column
+
+One row per setting (a ``jprompt.sweep`` run without its seed): top-1 accuracy in percent as
+mean ± sample standard deviation over its seeds, on the validation split and on the test split.
+Per method, dataset and backbone the setting with the best mean validation accuracy is marked
+``selected``: the honest number. ``--test_selected`` adds, clearly labelled, the setting that is
+best on test (what the official VP and PGN code report). A second table averages the selected
+test accuracies over each benchmark group (VTAB natural / specialized / structured, FGVC) when
+the sweep covers all its datasets, as VPT reports them.
+"""
+
+import argparse
+import collections
+import csv
+import dataclasses
+import io
+import json
+import pathlib
+import statistics
+import sys
+
+from jprompt import paper_results
+from jprompt.data import presets
+from jprompt.sweep import RUN_FILE
+
+RESULTS_FILE = "results.json"  # as jprompt.train writes it
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    dataset: str
+    backbone: str
+    setting: str
+    val: list[float]
+    test: list[float]
+    selected: bool = False
+    test_selected: bool = False
+
+    @property
+    def key(self):
+        return (self.method, self.dataset, self.backbone)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _format(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def collect(root) -> list[Row]:
+    """Rows of every finished run under ``root``, seeds of one setting merged."""
+    groups = {}
+    for path in sorted(pathlib.Path(root).rglob(RESULTS_FILE)):
+        results = json.loads(path.read_text())
+        if "test" not in results:
+            continue  # stopped early: no final evaluation yet
+        run_file = path.parent / RUN_FILE
+        if run_file.exists():
+            run = json.loads(run_file.read_text())
+            config = run["config"]
+            overrides = {k: v for k, v in run["overrides"].items() if k != "seed"}
+            setting = ",".join(
+                filter(None, [run["arg"]] + [f"{k}={v}" for k, v in overrides.items()])
+            )
+            method, dataset = paper_results.method_label(config), config["dataset"]["preset"]
+        else:  # a run made without jprompt.sweep: its directory names the setting
+            setting = str(path.parent.parent.relative_to(root))
+            method, dataset = results["method"], results["dataset"]
+        key = (method, dataset, results["backbone"], setting)
+        row = groups.setdefault(key, Row(*key, val=[], test=[]))
+        row.val.append(100 * results["val"]["accuracy"])
+        row.test.append(100 * results["test"]["accuracy"])
+    rows = list(groups.values())
+    by_key = collections.defaultdict(list)
+    for row in rows:
+        by_key[row.key].append(row)
+    for candidates in by_key.values():
+        max(candidates, key=lambda r: mean_std(r.val)[0]).selected = True
+        max(candidates, key=lambda r: mean_std(r.test)[0]).test_selected = True
+    return rows
+
+
+def _paper(method: str, benchmark: str) -> str:
+    result = paper_results.lookup(method, benchmark)
+    return f"{result.accuracy:.2f} ({result.source})" if result else ""
+
+
+def run_table(rows: list[Row], test_selected: bool) -> list[list[str]]:
+    header = ["method", "dataset", "backbone", "setting", "seeds", "val", "test", "selected"]
+    if test_selected:
+        header.append("best on test (optimistic)")
+    table = [header + ["paper"]]
+    for r in sorted(rows, key=lambda r: (r.dataset, r.method, r.backbone, r.setting)):
+        line = [r.method, r.dataset, r.backbone, r.setting or "default", str(len(r.test))]
+        line += [_format(r.val), _format(r.test), "yes" if r.selected else ""]
+        if test_selected:
+            line.append("yes" if r.test_selected else "")
+        table.append(line + [_paper(r.method, r.dataset)])
+    return table
+
+
+def group_table(rows: list[Row]) -> list[list[str]]:
+    """Mean selected test accuracy per benchmark group, for groups a sweep covers fully."""
+    table = [["method", "benchmark", "backbone", "datasets", "mean test", "paper"]]
+    members = collections.defaultdict(set)
+    for preset in presets.PRESETS.values():
+        members[preset.group].add(preset.name)
+    selected = collections.defaultdict(dict)
+    for r in rows:
+        if r.selected and r.dataset in presets.PRESETS:
+            group = presets.PRESETS[r.dataset].group
+            selected[(r.method, group, r.backbone)][r.dataset] = mean_std(r.test)[0]
+    for (method, group, backbone), accuracies in sorted(selected.items()):
+        if group in ("vp", "demo") or set(accuracies) != members[group]:
+            continue  # VP/PGN report datasets one by one; a partial group has no mean
+        mean = statistics.fmean(accuracies.values())
+        table.append([method, group, backbone, str(len(accuracies)), f"{mean:.2f}"])
+        table[-1].append(_paper(method, group))
+    return table if len(table) > 1 else []
+
+
+def render(table: list[list[str]], fmt: str) -> str:
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(table)
+        return out.getvalue()
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(line) + " |" for line in table[1:]]
+    return "\n".join(lines) + "\n"
+
+
+FORMATS = ("markdown", "csv")
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="directory of a sweep (searched recursively)")
+    parser.add_argument("--format", default="markdown", help=f"one of {FORMATS}")
+    parser.add_argument("--test_selected", action="store_true", help="add the optimistic column")
+    args = parser.parse_args(argv)
+    if args.format not in FORMATS:
+        raise SystemExit(f"unknown format {args.format!r}; valid choices: {list(FORMATS)}")
+    rows = collect(args.root)
+    if not rows:
+        raise SystemExit(f"no finished run (a {RESULTS_FILE} with test results) under {args.root}")
+    text = render(run_table(rows, args.test_selected), args.format)
+    groups = group_table(rows)
+    if groups:
+        text += "\n" + render(groups, args.format)
+    print(text, end="")
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""Sweeps run end to end on the offline dataset, and the table aggregates their seeds."""
+
+import json
+import statistics
+
+from jprompt import sweep, tables
+from tests.helpers import ROOT
+
+
+def test_sweep_runs_seeds_and_table_aggregates(shapes_data_dir, tmp_path, capsys):
+    root = tmp_path / "sweep"
+    shrink = [
+        "--config.num_epochs=1",
+        "--config.dataset.train_split=train[:128]",
+        "--config.dataset.val_split=validation[:64]",
+        "--config.dataset.test_split=test[:64]",
+        "--config.batch_size=64",
+        "--config.eval_batch_size=64",
+        f"--config.dataset.data_dir={shapes_data_dir}",
+    ]
+    config = f"--config={ROOT / 'configs' / 'vpt.py'}:demo"
+    common = [config, "--sweep=seeds", "--seeds=0,1", f"--workdir={root}"]
+    printed = sweep.main(common + shrink)  # printing only: nothing trains
+    assert len(printed) == 2 and not list(root.rglob("results.json"))
+    commands = capsys.readouterr().out.splitlines()
+    assert commands[1].startswith("python -m jprompt.main --config=")
+    assert (
+        "--config.seed=1" in commands[1]
+        and "'--config.dataset.train_split=train[:128]'" in (commands[1])
+    )
+
+    sweep.main(common + shrink + ["--run"])
+    results = [json.loads(p.read_text()) for p in sorted(root.rglob("results.json"))]
+    assert len(results) == 2 and all(r["total_steps"] == 2 for r in results)
+    tests = [100 * r["test"]["accuracy"] for r in results]
+
+    text = tables.main([str(root), "--format=csv"])
+    header, row = [line.split(",") for line in text.strip().splitlines()]
+    assert header[:8] == [
+        "method",
+        "dataset",
+        "backbone",
+        "setting",
+        "seeds",
+        "val",
+        "test",
+        "selected",
+    ]
+    assert row[:5] == ["VPT-shallow", "jprompt_shapes/colors", "vit_tiny4", "demo", "2"]
+    assert row[6] == f"{statistics.fmean(tests):.2f} ± {statistics.stdev(tests):.2f}"
+    assert row[7] == "yes"
+
+
+def _fake_run(root, setting, seed, preset, val, test, deep=True):
+    workdir = root / setting / f"seed_{seed}"
+    workdir.mkdir(parents=True)
+    config = {"method": {"name": "vpt", "deep": deep}, "dataset": {"preset": preset}}
+    run = {"arg": setting, "overrides": {"seed": seed}, "config": config}
+    results = {"backbone": "vit_b16", "val": {"accuracy": val}, "test": {"accuracy": test}}
+    (workdir / "run.json").write_text(json.dumps(run))
+    (workdir / "results.json").write_text(json.dumps(results))
+
+
+def test_table_selects_on_validation_and_averages_vtab_groups(tmp_path):
+    natural = [n for n in tables.presets.VTAB_TASKS if n in _NATURAL]
+    for i, preset in enumerate(natural):
+        # "a" is better on validation, "b" on test: the honest selection is "a".
+        _fake_run(tmp_path, f"a,dataset={preset}", 0, preset, 0.9, 0.5 + i / 100)
+        _fake_run(tmp_path, f"b,dataset={preset}", 0, preset, 0.8, 0.9)
+    rows = tables.collect(tmp_path)
+    selected = [r for r in rows if r.selected]
+    assert len(selected) == 7 and all(r.setting.startswith("a,") for r in selected)
+    assert all(r.setting.startswith("b,") for r in rows if r.test_selected)
+    groups = tables.group_table(rows)
+    expected = statistics.fmean(50 + i for i in range(7))
+    assert groups[1][:5] == ["VPT-deep", "vtab-natural", "vit_b16", "7", f"{expected:.2f}"]
+    assert groups[1][5].startswith("78.48 (Jia et al. 2022 (VPT), Table 1")
+    markdown = tables.main([str(tmp_path), "--test_selected"])
+    assert "best on test (optimistic)" in markdown.splitlines()[0]
+
+
+_NATURAL = {
+    "vtab/caltech101",
+    "vtab/cifar100",
+    "vtab/dtd",
+    "vtab/oxford_flowers102",
+    "vtab/oxford_iiit_pet",
+    "vtab/svhn",
+    "vtab/sun397",
+}
