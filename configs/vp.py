@@ -70,16 +70,5 @@ def get_config(arg=None):
     return config_lib.lock(config)
 
 
-PROMPT_SIZES = (5, 30, 60, 90, 112)  # the papers' sweep at 224px; 112 covers the whole image
-
-
-def sweep(add, arg=None, name="prompt_size"):
-    """Sweeps (python -m jprompt.sweep --sweep=NAME): prompt_size over PROMPT_SIZES, or seeds
-    (this config once, repeated for --seeds)."""
-    if name == "prompt_size":
-        for size in PROMPT_SIZES:
-            add(arg=config_lib.with_args(arg, prompt_size=size))
-    elif name == "seeds":
-        add()
-    else:
-        raise ValueError(f"unknown sweep {name!r}; valid choices: ['prompt_size', 'seeds']")
+# Sweeps (python -m jprompt.sweep --sweep=NAME): prompt_size over the papers' sizes, or seeds.
+sweep = config_lib.prompt_size_sweep

@@ -78,6 +78,22 @@ def with_args(arg: str | None, **items) -> str:
     return ",".join(kept + [f"{key}={value}" for key, value in items.items()])
 
 
+# VP's and AdaViPro's prompt sizes at 224px; 112 covers the whole image.
+PROMPT_SIZES = (5, 30, 60, 90, 112)
+
+
+def prompt_size_sweep(add, arg=None, name="prompt_size"):
+    """The pixel-prompt configs' sweeps: ``prompt_size`` over ``PROMPT_SIZES``, or ``seeds``
+    (the config once, repeated for ``--seeds``)."""
+    if name == "prompt_size":
+        for size in PROMPT_SIZES:
+            add(arg=with_args(arg, prompt_size=size))
+    elif name == "seeds":
+        add()
+    else:
+        raise ValueError(f"unknown sweep {name!r}; valid choices: ['prompt_size', 'seeds']")
+
+
 def _parse_bool(key: str, value: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "true", "yes"):
