@@ -23,17 +23,14 @@ images, and prints:
 """
 
 import functools
-import importlib.util
 import pathlib
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import app, flags
 from etils import epath
 
-from jprompt import inversion, serve, train, visualize
-from jprompt.data import pipeline
+from jprompt import config_lib, inversion, serve, train, visualize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH_SIZE = 250
@@ -50,23 +47,11 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def load_config(backbone: str):
-    path = ROOT / "configs" / "pgn.py"
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     family = "clip_b32" if backbone.startswith("clip") else "vit_b32"
-    config = module.get_config(f"demo,backbone={family},deployable")
+    config = config_lib.load(f"{ROOT / 'configs' / 'pgn.py'}:demo,backbone={family},deployable")
     config.backbone.name = backbone
     config.backbone.checkpoint = ""  # random initialisation
     return config
-
-
-def load_test_split(config) -> tuple[np.ndarray, np.ndarray]:
-    """The raw uint8 test images and labels (32x32 already: no resizing)."""
-    data = config.dataset
-    builder = pipeline.load_builder(data.name, data.data_dir or None)
-    split = tfds.as_numpy(builder.as_dataset(split=data.test_split, batch_size=-1))
-    return split["image"], split["label"]
 
 
 def figure(images: np.ndarray, prompted: np.ndarray) -> np.ndarray:
@@ -89,7 +74,7 @@ def main(argv):
     latent_fn = jax.jit(functools.partial(experiment.method.apply, rng=None, train=False))
     normalization = experiment.method.backbone.normalization
 
-    images, labels = load_test_split(config)
+    images, labels = serve.dataset_images(config, config.dataset.test_split)
     stages = ("min_norm", "in_range", "images")
     deviation = dict.fromkeys(stages, 0.0)
     latent_top, served_top, exact, out_of_range = [], [], [], []

@@ -12,14 +12,13 @@ its frozen zero-shot head (the linear probe trains a linear one), as in the VP a
 """
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import time
 
 from absl import app, flags
 
-from jprompt import train
+from jprompt import config_lib, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,11 +50,7 @@ ROWS = (
 
 
 def load_config(row: Row, target: str, backbone: str):
-    path = ROOT / "configs" / row.config_file
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"{row.arg},backbone={backbone}")
+    config = config_lib.load(f"{ROOT / 'configs' / row.config_file}:{row.arg},backbone={backbone}")
     config.dataset.name = f"jprompt_shapes/{target}"
     return config
 

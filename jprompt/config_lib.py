@@ -6,7 +6,11 @@ against the defaults the config file declares. Single fields are overridden afte
 ``--config.optim.lr=0.1``; the configs are locked, so a misspelt field fails.
 """
 
+import ast
 import importlib.resources
+import importlib.util
+import pathlib
+from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
@@ -194,6 +198,53 @@ def config_for_args(args: ConfigDict) -> ConfigDict:
     if args.get("head"):
         config.head.name = args.head
     return config
+
+
+def load_module(config_file: str):
+    """The config file ``config_file`` as a module (``get_config``, and ``sweep`` if any)."""
+    path = pathlib.Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {config_file!r} does not exist")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(spec: str, overrides: Mapping[str, object] | None = None) -> ConfigDict:
+    """The config of ``python -m jprompt.main --config=SPEC --config.FIELD=VALUE ...``.
+
+    ``spec`` is ``path/to/file.py[:args]``; ``overrides`` maps dotted fields to values (a text
+    value is converted to the field's type, as on the command line). The config is locked, so a
+    misspelt field fails. E.g. ``load("configs/pgn.py:demo", {"num_epochs": 1})``.
+    """
+    config_file, _, arg = spec.partition(":")
+    config = load_module(config_file).get_config(arg or None)
+    for dotted, value in (overrides or {}).items():
+        set_field(config, dotted, value)
+    return config
+
+
+def set_field(config: ConfigDict, dotted: str, value) -> None:
+    """``config.<dotted> = value``; a text value is converted to the field's type."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = getattr(node, part)
+    if isinstance(value, str):
+        value = _parse_text(dotted, getattr(node, leaf), value)
+    setattr(node, leaf, value)  # a locked config rejects an unknown field
+
+
+def _parse_text(field: str, current, text: str):
+    """A command-line value as the type of the field it replaces."""
+    if isinstance(current, bool):
+        return _parse_bool(field, text)
+    if isinstance(current, (int, float)):
+        return type(current)(text)
+    if isinstance(current, tuple):
+        return tuple(ast.literal_eval(text))
+    return text
 
 
 def lock(config: ConfigDict) -> ConfigDict:

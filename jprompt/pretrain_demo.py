@@ -14,14 +14,13 @@ package ships the results as ``jprompt/assets/{vit,clip}_tiny4_shapes.npz``; to 
         --out=jprompt/assets/clip_tiny4_shapes.npz
 """
 
-import importlib.util
 import pathlib
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jprompt import train
+from jprompt import config_lib, train
 from jprompt.models import vit_checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the pretraining run.")
@@ -35,10 +34,7 @@ PRETRAIN_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pre
 
 
 def pretraining_config(epochs: int, backbone: str):
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", PRETRAIN_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"epochs={epochs},backbone={backbone}")
+    return config_lib.load(f"{PRETRAIN_CONFIG}:epochs={epochs},backbone={backbone}")
 
 
 def main(argv):

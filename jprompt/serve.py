@@ -33,13 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from etils import epath
 from flax import struct, traverse_util
 from ml_collections import config_flags
 
 from jprompt import inversion, train
-from jprompt.data import pipeline, preprocess
+from jprompt.data import pipeline, preprocess, presets
 from jprompt.methods import heads, pgn
 from jprompt.models.backbones import Backbone
 from jprompt.models.resnet import ResNet10
@@ -222,7 +223,9 @@ class ServedModel:
         """The backbone and head of a run (``train.restore_best``), with its dataset's class
         names."""
         data = experiment.config.dataset
-        info = pipeline.dataset_info(data.name, data.train_split, data_dir=data.data_dir or None)
+        info = pipeline.dataset_info(
+            data.name, data.train_split, data_dir=data.data_dir or None, label_map=data.label_map
+        )
         return cls.from_trained(
             experiment.method.backbone, trained, experiment.frozen, info.class_names
         )
@@ -309,12 +312,37 @@ def _define_flags() -> None:
     flags.mark_flag_as_required("mode")
 
 
+def _at_model_size(image: tf.Tensor, size: int, crop: str = "resize") -> np.ndarray:
+    """uint8 ``(H, W, 3)`` -> uint8 ``(size, size, 3)``, as the evaluation pipeline crops."""
+    if tuple(image.shape[:2]) != (size, size):
+        image = tf.round(preprocess.EVAL_CROPS[crop](image, size))
+    return np.asarray(image, np.uint8)
+
+
 def _client_image(path: str, size: int) -> np.ndarray:
     """An image file -> uint8 ``(size, size, 3)``, resized as the evaluation pipeline does."""
-    image = preprocess.decode_image(tf.constant(epath.Path(path).read_bytes()))
-    if tuple(image.shape[:2]) != (size, size):
-        image = tf.round(preprocess.EVAL_CROPS["resize"](image, size))
-    return np.asarray(image, np.uint8)
+    return _at_model_size(preprocess.decode_image(tf.constant(epath.Path(path).read_bytes())), size)
+
+
+def dataset_images(config, split: str, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` (default: all) images of ``split`` of ``config``'s dataset, with their
+    labels, as a client of the served model sends them: uint8 at the model's resolution,
+    cropped as the evaluation pipeline does, not normalized."""
+    data = config.dataset
+    example_map = presets.example_map(data.label_map)
+    builder = pipeline.load_builder(data.name, data.data_dir or None)
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        decoders={example_map.image_key: tfds.decode.SkipDecoding()},
+    )
+    images, labels = [], []
+    for example in ds.take(-1 if count is None else count):
+        encoded, label = example_map.fn(example)
+        image = example_map.decode(encoded)
+        images.append(_at_model_size(image, config.input.image_size, config.input.eval_crop))
+        labels.append(int(label))
+    return np.stack(images), np.array(labels, np.int32)
 
 
 def main(argv):

@@ -16,9 +16,7 @@ A run whose ``results.json`` exists is skipped; an interrupted one resumes.
 """
 
 import argparse
-import ast
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import re
@@ -52,42 +50,9 @@ def _to_text(value) -> str:
     return str(value) if not isinstance(value, tuple) else repr(value)
 
 
-def load_module(config_file: str):
-    spec = importlib.util.spec_from_file_location(pathlib.Path(config_file).stem, config_file)
-    if spec is None or not pathlib.Path(config_file).is_file():
-        raise FileNotFoundError(f"config file {config_file!r} does not exist")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _parse_text(current, text: str):
-    """A command-line value as the type of the field it replaces."""
-    if isinstance(current, bool):
-        return config_lib.parse_arg(f"v={text}", v=False).v
-    if isinstance(current, (int, float)):
-        return type(current)(text)
-    if isinstance(current, tuple):
-        return tuple(ast.literal_eval(text))
-    return text
-
-
-def set_field(config: ConfigDict, dotted: str, value) -> None:
-    """``config.<dotted> = value``; a text value is converted to the field's type."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for part in parents:
-        node = getattr(node, part)
-    if isinstance(value, str):
-        value = _parse_text(getattr(node, leaf), value)
-    setattr(node, leaf, value)  # a locked config rejects an unknown field
-
-
 def build_config(run: Run) -> ConfigDict:
-    config = load_module(run.config_file).get_config(run.arg or None)
-    for dotted, value in {**run.overrides, **run.extra}.items():
-        set_field(config, dotted, value)
-    return config
+    spec = f"{run.config_file}:{run.arg}" if run.arg else run.config_file
+    return config_lib.load(spec, {**run.overrides, **run.extra})
 
 
 def _dir_name(text: str) -> str:
@@ -97,7 +62,7 @@ def _dir_name(text: str) -> str:
 def expand(config_file, arg, sweep_name, seeds, root, extra) -> list[Run]:
     """The runs of ``sweep_name`` (None: the file's default) x ``seeds``, each validated by
     building its config."""
-    module = load_module(config_file)
+    module = config_lib.load_module(config_file)
     if not hasattr(module, "sweep"):
         raise ValueError(f"{config_file} defines no sweep(add, arg, name)")
     points = []

@@ -1,24 +1,20 @@
 """Helpers shared by the tests that drive the trainer: config loading, shrinking, a few steps."""
 
 import contextlib
-import importlib.util
 import pathlib
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from jprompt import checkpoint, sharding
+from jprompt import checkpoint, config_lib, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(file: str, arg: str = "demo"):
     """``get_config(arg)`` of ``configs/<file>``, as the command line would load it."""
-    spec = importlib.util.spec_from_file_location(file, ROOT / "configs" / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load(f"{ROOT / 'configs' / file}:{arg}")
 
 
 def shrink(

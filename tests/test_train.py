@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import to_numpy
 
-from jprompt import train
+from jprompt import events, train
 
 
 @pytest.fixture
@@ -42,7 +42,10 @@ def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path
     assert results["val"]["num_examples"] == 128
     assert 0.0 <= results["test"]["accuracy"] <= 1.0
     assert results["best_step"] in (4, 8)
-    assert list(tmp_path.glob("events.out.tfevents.*"))
+    scalars = events.read_scalars(tmp_path)
+    assert [step for step, _ in scalars["train_loss"]] == [2, 4, 6, 8]  # log_every_steps=2
+    assert dict(scalars["val_accuracy"])[results["best_step"]] == results["val"]["accuracy"]
+    assert scalars["test_accuracy"] == [(8, results["test"]["accuracy"])]
     # VP draws its prompted validation images after each epoch.
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
         "prompted_4.png",
