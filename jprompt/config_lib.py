@@ -128,6 +128,9 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     # Also report the accuracy of the state that is best on the test split, labelled as such:
     # the official VP and PGN code select on test. Never used for model selection.
     config.report_test_selected = False
+    # The state tested at the end: "val", the best on the validation split, or "last", the
+    # final one (when the validation split is part of the training data, as in VPT's trainval).
+    config.selection = "val"
     config.input = ConfigDict(
         dict(
             image_size=DEMO_IMAGE_SIZE if demo else 224,

@@ -161,6 +161,8 @@ class Experiment:
 
 def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | None = None):
     """Build backbone, method, optimizer and jitted steps from ``config`` (no training yet)."""
+    if config.selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {config.selection!r}; valid choices: {SELECTIONS}")
     mesh = sharding.make_mesh(devices, config.model_axis_size)
     for name, size in (
         ("batch_size", config.batch_size),
@@ -245,6 +247,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
 
 
 HEADS = ("linear", "zeroshot")
+SELECTIONS = ("val", "last")
 
 
 def build_zeroshot_head(config: ConfigDict, backbone, class_names):
@@ -474,6 +477,9 @@ def _run(
         return {"stopped_at_step": step, "total_steps": total, "preempted": preempted}
 
     checkpoints.wait()
+    if config.selection == "last":  # the validation split was trained on (VPT's trainval)
+        val = experiment.evaluate(state["trained"], config.dataset.val_split)
+        return _finish(experiment, state, state["trained"], step, val, workdir, writer, is_main)
     best_step, best_val = checkpoints.best_metrics()
     best_trained = checkpoints.restore_best(checkpoint.abstract_like(state["trained"], replicated))
     return _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main)

@@ -120,6 +120,7 @@ def test_vtab_dtd_deep_config_from_the_preset():
     assert config.dataset.num_classes == 47 and config.method.deep
     final = load_config("vpt.py", "dataset=vtab/dtd,deep,trainval")
     assert final.dataset.train_split == "train[:800]+validation[:200]"
+    assert config.selection == "val" and final.selection == "last"
     with pytest.raises(ValueError, match="'cifar10' has no trainval split; presets with one"):
         load_config("vpt.py", "dataset=cifar10,trainval")
 

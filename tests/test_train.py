@@ -187,3 +187,14 @@ def test_test_selected_number_is_reported_apart_and_never_selects(tiny_config, t
     assert selected["accuracy"] == max(each_epoch.values()) >= results["test"]["accuracy"]
     assert each_epoch[str(selected["step"])] == selected["accuracy"]
     assert "optimistic" in selected["note"]
+
+
+def test_selection_last_tests_the_final_state(tiny_config, tmp_path):
+    config = tiny_config(selection="last")
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["best_step"] == results["total_steps"] == 8
+    experiment = train.create_experiment(config)
+    final = experiment.evaluate(helpers.latest_trained(tmp_path, experiment), "test[:100]")
+    assert results["test"] == final
+    with pytest.raises(ValueError, match=r"unknown selection 'best'; valid choices: \('val'"):
+        train.create_experiment(tiny_config(selection="best"))
