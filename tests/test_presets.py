@@ -3,6 +3,7 @@ labels are right on hand-built examples, and one preset builds from files in its
 
 import hashlib
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -343,3 +344,40 @@ def test_local_folder_builder(tmp_path):
         "train": 6,
         "test": 4,
     }
+
+
+def test_coop_split_file_decides_splits_labels_and_names(tmp_path):
+    folder = tmp_path / "downloads" / "manual" / "coop" / "dtd"
+    textures = ["banded", "zigzagged"]  # label order, as in the split file
+    written = [("train", 0), ("train", 1), ("train", 0), ("val", 1), ("test", 0), ("test", 1)]
+    entries = {"train": [], "val": [], "test": []}
+    expected = {"train": [], "val": [], "test": []}  # (label, pixel value) per split
+    for i, (split, label) in enumerate(written):
+        path = f"{textures[label]}/{textures[label]}_{i}.png"
+        (folder / "images" / textures[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((6, 5, 3), 30 * i, np.uint8)).save(folder / "images" / path)
+        entries[split].append([path, label, textures[label]])
+        expected[split].append((label, 30 * i))
+    (folder / "split_zhou_DescribableTextures.json").write_text(json.dumps(entries))
+
+    preset = presets.get("coop/dtd")
+    assert (preset.train, preset.val, preset.test, preset.num_classes) == (
+        "train",
+        "validation",
+        "test",
+        47,
+    )
+    builder = pipeline.load_builder(preset.tfds_spec, str(tmp_path))
+    assert builder.info.features["label"].names == textures
+    for split, coop_split in (("train", "train"), ("validation", "val"), ("test", "test")):
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        read = sorted((int(e["label"]), int(e["image"][0, 0, 0])) for e in tfds.as_numpy(ds))
+        assert read == sorted(expected[coop_split]), split
+
+
+def test_missing_coop_folder_says_what_to_copy_where(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        pipeline.load_builder(presets.get("coop/dtd").tfds_spec, str(tmp_path))
+    message = str(error.value)
+    assert f"{tmp_path}/downloads/manual" in message
+    assert "copy CoOp's dtd folder (split_zhou_DescribableTextures.json and images/)" in message

@@ -86,10 +86,16 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
     if builder.is_prepared():
         return builder
     # Offline: generated (a few seconds), or read from local files in <data_dir>/downloads/manual.
-    if builder.name in (synthetic.JpromptShapes.name, presets.LOCAL_FOLDER):
+    root = str(builder.data_dir_root)
+    if builder.name == synthetic.JpromptShapes.name:
         builder.download_and_prepare()
         return builder
-    root = str(builder.data_dir_root)
+    if builder.name in presets.LOCAL_BUILDERS:
+        try:
+            builder.download_and_prepare()
+        except AssertionError as e:  # tfds's way of saying the manual directory is empty
+            raise FileNotFoundError(f"{e}{presets.manual_download_help(builder, root)}") from e
+        return builder
     if data_dir and not tf.io.gfile.exists(data_dir):
         raise FileNotFoundError(f"dataset directory data_dir={data_dir!r} does not exist")
     raise FileNotFoundError(

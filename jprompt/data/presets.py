@@ -15,6 +15,8 @@ Groups:
   part (tfds ``validation``, or the first example after the task's train part of tfds
   ``train``), and the task's full test split. ``trainval`` is ``train800val200``, the final
   training set once lr / wd were chosen on ``val200``.
+- CoOp's splits (``coop/<name>``): the ``split_zhou_*.json`` files of CoOp, when the user has
+  CoOp's dataset folders (``CoopSplit``).
 - FGVC (``fgvc/<name>``, VPT's fine-grained benchmark): tfds builders, 10% of train held out
   (VPT's own split files are random 10% too). NABirds is not in tfds: see ``LOCAL_FOLDER``.
 - ``jprompt_shapes/*``, the offline demo datasets.
@@ -24,6 +26,7 @@ Any other tfds name works with ``DEFAULT_SPLITS`` and the builder's own labels.
 
 import dataclasses
 import difflib
+import json
 import re
 from collections.abc import Callable
 
@@ -227,7 +230,7 @@ class Preset:
     val: str
     test: str
     num_classes: int
-    group: str  # vp | vtab-natural | vtab-specialized | vtab-structured | fgvc | demo
+    group: str  # vp | vtab-natural | vtab-specialized | vtab-structured | fgvc | coop | demo
     source: str  # where the split protocol comes from
     trainval: str = ""  # final-run training split (VTAB: train800val200)
     label_map: str = ""  # key of EXAMPLE_MAPS; "" = the builder's "label" feature
@@ -568,6 +571,90 @@ _FGVC_PRESETS = (
     ),
 )
 
+# CoOp's folder of each dataset (its DATA.md layout): the split file, and the image directory
+# the file's paths are relative to.
+COOP_DATASETS = {
+    "caltech101": ("split_zhou_Caltech101.json", "101_ObjectCategories", 100),
+    "dtd": ("split_zhou_DescribableTextures.json", "images", 47),
+    "eurosat": ("split_zhou_EuroSAT.json", "2750", 10),
+    "food101": ("split_zhou_Food101.json", "images", 101),
+    "oxford_flowers": ("split_zhou_OxfordFlowers.json", "jpg", 102),
+    "oxford_pets": ("split_zhou_OxfordPets.json", "images", 37),
+    "stanford_cars": ("split_zhou_StanfordCars.json", "", 196),
+    "sun397": ("split_zhou_SUN397.json", "SUN397", 397),
+    "ucf101": ("split_zhou_UCF101.json", "UCF-101-midframes", 101),
+}
+
+
+class CoopSplit(tfds.core.GeneratorBasedBuilder):
+    """The train / val / test splits of CoOp's ``split_zhou_<Dataset>.json`` files (Zhou et al.
+    2022, also used by CoCoOp, MaPLe and others), over the user's copy of CoOp's dataset folder.
+
+    Reads ``<manual_dir>/coop/<config>/split_zhou_*.json``, whose entries are ``[image path
+    relative to the dataset's image directory, label, class name]``, and the images under
+    ``<manual_dir>/coop/<config>/<image directory>`` (``COOP_DATASETS``). Class names are CoOp's.
+    Prepared by ``jprompt.data.pipeline.load_builder`` on first use, offline.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in COOP_DATASETS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Copy CoOp's folder of the dataset (its split_zhou_*.json beside the image directory) "
+        "to <manual_dir>/coop/<config>/."
+    )
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=None),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        name = self.builder_config.name
+        split_file, images, _ = COOP_DATASETS[name]
+        root = dl_manager.manual_dir / "coop" / name
+        splits = json.loads((root / split_file).read_text())
+        names = {label: class_name for _, label, class_name in splits["train"]}
+        self.info.features["label"].names = [names[label] for label in range(len(names))]
+        image_root = root / images if images else root
+        return {
+            tfds_split: self._generate_examples(image_root, splits[coop_split])
+            for tfds_split, coop_split in (
+                ("train", "train"),
+                ("validation", "val"),
+                ("test", "test"),
+            )
+        }
+
+    def _generate_examples(self, image_root, items):
+        for path, label, _ in items:
+            yield path, {"image": image_root / path, "label": label}
+
+
+COOP_SPLIT = CoopSplit.name
+LOCAL_BUILDERS = (LOCAL_FOLDER, COOP_SPLIT)  # prepared from local files, never downloaded
+
+_COOP_PRESETS = tuple(
+    Preset(
+        name=f"coop/{name}",
+        tfds_name=f"{COOP_SPLIT}/{name}",
+        version="",
+        train="train",
+        val="validation",
+        test="test",
+        num_classes=classes,
+        group="coop",
+        source=f"CoOp (Zhou et al. 2022), {split_file}",
+        download=(
+            f"copy CoOp's {name} folder ({split_file} and {images or 'the images'}/) to "
+            f"<manual_dir>/coop/{name}/"
+        ),
+    )
+    for name, (split_file, images, classes) in COOP_DATASETS.items()
+)
+
 _DEMO_PRESETS = tuple(
     Preset(
         name=f"jprompt_shapes/{task}",
@@ -583,12 +670,14 @@ _DEMO_PRESETS = tuple(
     for task, classes in (("shapes", 10), ("colors", 8), ("count", 6), ("textures", 8))
 )
 
-PRESETS = {p.name: p for p in _VP_PRESETS + _VTAB_PRESETS + _FGVC_PRESETS + _DEMO_PRESETS}
+PRESETS = {
+    p.name: p for p in _VP_PRESETS + _VTAB_PRESETS + _FGVC_PRESETS + _COOP_PRESETS + _DEMO_PRESETS
+}
 VTAB_TASKS = tuple(p.name for p in _VTAB_PRESETS)
 FGVC_TASKS = tuple(p.name for p in _FGVC_PRESETS)
 VP_DATASETS = tuple(p.name for p in _VP_PRESETS)
-GROUPS = ("vp", "vtab-natural", "vtab-specialized", "vtab-structured", "fgvc", "demo")
-_PREFIXES = ("vtab/", "fgvc/")
+GROUPS = ("vp", "vtab-natural", "vtab-specialized", "vtab-structured", "fgvc", "coop", "demo")
+_PREFIXES = ("vtab/", "fgvc/", "coop/")
 
 
 def get(name: str) -> Preset:
