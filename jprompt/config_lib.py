@@ -150,6 +150,9 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             pool="tok",
             dropout_rate=0.0,
             representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
+            compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
+            param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
+            remat=False,  # recompute each block in the backward: less memory, ~1 more forward
         )
     )
     config.method = ConfigDict()

@@ -519,3 +519,17 @@ def test_explicit_attention_path_equals_fused_one(images):
     explicit, _ = model.apply({"params": params}, images, train=True, rngs=rngs)
     fused, _ = model.apply({"params": params}, images)
     np.testing.assert_allclose(explicit, fused, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, use_bias", [(32, True), (35, False)])  # 35: a dropped border
+def test_patch_embedding_is_the_patch_convolution(size, use_bias):
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
+    embedding = vit.PatchEmbedding(16, 8, use_bias=use_bias)
+    params = embedding.init(jax.random.PRNGKey(1), images)
+    conv = nn.Conv(16, (8, 8), strides=(8, 8), padding="VALID", use_bias=use_bias)
+    # Same parameter names, shapes and initialisation as the convolution it replaces.
+    jax.tree.map(np.testing.assert_array_equal, params, conv.init(jax.random.PRNGKey(1), images))
+    if use_bias:  # a non-zero bias, so that adding it is checked too
+        params = jax.tree.map(lambda x: x + 0.1, params)
+    expected = conv.apply(params, images).reshape(2, -1, 16)
+    np.testing.assert_allclose(embedding.apply(params, images), expected, rtol=1e-5, atol=1e-5)

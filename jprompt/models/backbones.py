@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from jprompt.models import clip, clip_checkpoint, vit, vit_checkpoint
 
 NAMES = vit.NAMES + clip.NAMES
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # vit_jax and big_vision checkpoints expect pixels in [-1, 1]; CLIP its own mean/std scaling.
 VIT_NORMALIZATION = "minus_one_to_one"
@@ -72,17 +73,37 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
     ``config.checkpoint``: an ``.npz`` in vit_jax or big_vision naming (local or ``gs://``); the
     position embedding is resampled to ``image_size`` and any head is dropped. Empty: random
     initialisation from ``rng`` (for tests and from-scratch training).
+
+    Speed and memory: ``config.compute_dtype`` is the module's compute dtype,
+    ``config.param_dtype`` the dtype the returned (frozen) parameters are stored in, and
+    ``config.remat`` rematerialises every encoder block in the backward pass.
     """
     if config.name not in NAMES:
         raise ValueError(f"unknown backbone {config.name!r}; valid choices: {list(NAMES)}")
+    for field in ("compute_dtype", "param_dtype"):
+        if config[field] not in DTYPES:
+            raise ValueError(
+                f"unknown backbone.{field} {config[field]!r}; valid choices: {list(DTYPES)}"
+            )
     if config.name in clip.NAMES:
-        return _build_clip(config, image_size=image_size, rng=rng)
+        backbone, params = _build_clip(config, image_size=image_size, rng=rng)
+    else:
+        backbone, params = _build_vit(config, image_size=image_size, rng=rng)
+    return backbone, jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
+
+
+def _speed_options(config: ConfigDict) -> dict:
+    return dict(dtype=DTYPES[config.compute_dtype], remat=config.remat)
+
+
+def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):
     module = vit.create(
         config.name,
         num_classes=0,
         pool=config.pool,
         dropout_rate=config.dropout_rate,
         representation_size=config.representation_size or None,
+        **_speed_options(config),
     )
     _check_image_size(config.name, image_size, module.patch_size)
     backbone = Backbone(config.name, module, image_size, VIT_NORMALIZATION)
@@ -116,7 +137,9 @@ def _build_clip(config: ConfigDict, *, image_size: int, rng: jax.Array):
             f"backbone.pool='tok' and backbone.representation_size=0 (got "
             f"{config.pool!r}, {config.representation_size})"
         )
-    module = clip.image_tower(config.name, dropout_rate=config.dropout_rate)
+    module = clip.image_tower(
+        config.name, dropout_rate=config.dropout_rate, **_speed_options(config)
+    )
     _check_image_size(config.name, image_size, module.patch_size)
     if config.checkpoint:
         logging.info("Loading %s weights from %s", config.name, config.checkpoint)

@@ -27,6 +27,7 @@ checkpoint (the frozen backbone) and prompt methods keep their own trainable tre
   ``deep_prompts[i]``, discarding the previous layer's outputs there.
 """
 
+import math
 import re
 from typing import Any
 
@@ -118,6 +119,24 @@ class MlpBlock(nn.Module):
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
+class _ProjectionParams(nn.Module):
+    """The ``kernel (D, *features)`` and ``bias (*features)`` of ``nn.DenseGeneral(features)``,
+    created under this module's name with the same init, but returned instead of applied."""
+
+    features: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        def kernel_init(key, shape, dtype=jnp.float32):
+            # DenseGeneral draws its kernel flattened to 2-D (fans from the flat shape).
+            flat = (shape[0], math.prod(shape[1:]))
+            return nn.initializers.xavier_uniform()(key, flat, dtype).reshape(shape)
+
+        kernel = self.param("kernel", kernel_init, (in_features, *self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, self.features, jnp.float32)
+        return kernel, bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with the parameter layout of ``flax.linen.MultiHeadDotProductAttention``.
 
@@ -139,14 +158,16 @@ class MultiHeadDotProductAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
-        dense = dict(
-            features=(self.num_heads, head_dim),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-        )
-        q = nn.DenseGeneral(name="query", **dense)(x)  # (B, T, H, D/H)
-        k = nn.DenseGeneral(name="key", **dense)(x)
-        v = nn.DenseGeneral(name="value", **dense)(x)
+        features = (self.num_heads, head_dim)
+        # The three projections run as one (D, 3 H D/H) matmul, which keeps the CPU's matmul
+        # units busier than three narrow ones; the parameters stay the checkpoint's three.
+        projections = [
+            _ProjectionParams(features, name=name)(width) for name in ("query", "key", "value")
+        ]
+        kernel = jnp.stack([kernel for kernel, _ in projections], axis=1).astype(self.dtype)
+        bias = jnp.stack([bias for _, bias in projections]).astype(self.dtype)
+        qkv = jnp.einsum("btd,dchk->btchk", x.astype(self.dtype), kernel) + bias
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D/H) each
 
         if deterministic or self.dropout_rate == 0.0:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
@@ -182,7 +203,7 @@ class Encoder1DBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool):
+    def __call__(self, x, deterministic: bool):  # positional too: nn.remat's static argument
         norm = dict(epsilon=self.layernorm_epsilon, dtype=self.dtype)
         y = nn.LayerNorm(name="LayerNorm_0", **norm)(x)
         y = MultiHeadDotProductAttention(
@@ -206,6 +227,34 @@ class Encoder1DBlock(nn.Module):
         return x + y
 
 
+class PatchEmbedding(nn.Module):
+    """The patch convolution (kernel = stride = patch, "VALID"; ``nn.Conv``'s parameters and
+    init) computed as one matmul over the flattened patches: its input gradient, which VP's
+    pixel prompts need, is then a matmul too instead of a slow dilated convolution.
+    Returns ``(B, N, D)``; a border that does not fill a patch is dropped, as the conv does."""
+
+    features: int
+    patch_size: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        batch, height, width, channels = images.shape
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (p, p, channels, self.features), jnp.float32
+        )
+        rows, cols = height // p, width // p
+        patches = images[:, : rows * p, : cols * p].reshape(batch, rows, p, cols, p, channels)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, -1)
+        x = patches @ kernel.reshape(-1, self.features).astype(self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            x = x + bias.astype(self.dtype)
+        return x
+
+
 class AddPositionEmbs(nn.Module):
     """Adds a learned (1, T, D) position embedding, BERT-initialised with std 0.02."""
 
@@ -224,6 +273,8 @@ class Encoder(nn.Module):
     embedding was added); ``deep_prompts`` overwrite those positions before every layer i >= 1.
     ``pre_norm`` adds CLIP's ``ln_pre`` (named ``pre_norm``) after the prompts were inserted, so
     that prompt tokens are normalized with the rest of the sequence, as the PGN code does on CLIP.
+    ``remat`` rematerialises every block in the backward pass (``nn.remat``), trading about one
+    extra forward pass for the activation memory of all but one block.
     """
 
     depth: int
@@ -235,6 +286,7 @@ class Encoder(nn.Module):
     activation: str = "gelu"
     causal: bool = False
     pre_norm: bool = False
+    remat: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -250,10 +302,13 @@ class Encoder(nn.Module):
         if self.pre_norm:
             x = nn.LayerNorm(name="pre_norm", **norm)(x)
 
+        # With remat each block keeps only its input for the backward pass and recomputes the
+        # rest there: about one more forward pass of compute for activation memory of one block.
+        block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
         for i in range(self.depth):
             if deep_prompts is not None and i > 0:
                 x = _overwrite(x, deep_prompts[i].astype(x.dtype), prompt_start)
-            x = Encoder1DBlock(
+            x = block(
                 mlp_dim=self.mlp_dim,
                 num_heads=self.num_heads,
                 dropout_rate=self.dropout_rate,
@@ -263,7 +318,7 @@ class Encoder(nn.Module):
                 causal=self.causal,
                 dtype=self.dtype,
                 name=f"encoderblock_{i}",
-            )(x, deterministic=not train)
+            )(x, not train)
         return nn.LayerNorm(name="encoder_norm", **norm)(x)
 
 
@@ -283,7 +338,8 @@ class VisionTransformer(nn.Module):
     ``encoder_norm``, prompts included. With ``num_classes=0`` there is no head and the logits
     are ``out["pre_logits"]``. Inputs: float (B, H, W, 3), pixels in [-1, 1] for the published
     checkpoints; no normalization is applied here. ``dtype`` is the compute dtype; parameters
-    are always float32.
+    are created float32 and may be passed in another storage dtype (cast where used).
+    ``remat`` rematerialises each encoder block in the backward pass (see ``Encoder``).
 
     The fields after ``head_bias_init`` make CLIP's image tower out of the same module
     (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
@@ -308,6 +364,7 @@ class VisionTransformer(nn.Module):
     layernorm_epsilon: float = LAYERNORM_EPS
     activation: str = "gelu"
     projection_dim: int | None = None
+    remat: bool = False
     dtype: Any = jnp.float32
 
     @property
@@ -335,16 +392,13 @@ class VisionTransformer(nn.Module):
         batch = images.shape[0]
         self._check_prompts(prompt_tokens, deep_prompts, batch)
 
-        x = nn.Conv(
+        x = PatchEmbedding(
             self.hidden_size,
-            kernel_size=(self.patch_size, self.patch_size),
-            strides=(self.patch_size, self.patch_size),
-            padding="VALID",
+            self.patch_size,
             use_bias=self.patch_bias,
             dtype=self.dtype,
             name="embedding",
         )(images.astype(self.dtype))
-        x = x.reshape(batch, -1, self.hidden_size)
         num_patches = x.shape[1]
 
         num_cls = 0
@@ -363,6 +417,7 @@ class VisionTransformer(nn.Module):
             layernorm_epsilon=self.layernorm_epsilon,
             activation=self.activation,
             pre_norm=self.pre_norm,
+            remat=self.remat,
             dtype=self.dtype,
             name="Transformer",
         )(

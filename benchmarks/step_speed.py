@@ -1,0 +1,299 @@
+r"""Training-step speed of jprompt, side by side with a PyTorch reference of the same workload.
+
+For each method x backbone x batch size the harness builds the real library step
+(``jprompt.models.backbones.build``, ``jprompt.methods.build``, ``jprompt.train.make_train_step``
+with SGD + momentum, jitted with the state donated as the trainer does; random weights, a linear
+head on 100 classes) and reports:
+
+- ``img/s``: batch / median step time over all timed steps, after compilation and warm-up, each
+  step ended by ``block_until_ready``;
+- ``compile_s``: seconds of ``lower(...).compile()``;
+- ``peak%``: model FLOP/s as a percentage of the device's matmul peak (``GFLOP/s``), measured
+  in the same run by timing a large square matmul of the compute dtype the same way, three
+  times in every round of the row (median). Model FLOPs count the
+  backbone's matmuls and patch convolution: the forward pass, plus the activation gradients
+  (not weight gradients) wherever a gradient must flow back to the prompt; the PGN generator,
+  the head and elementwise work are not counted;
+- ``mem_MiB``: from ``compiled.memory_analysis()`` (arguments + temporaries + outputs not
+  aliased to donated inputs), on every platform; on GPU also ``device_peak_MiB``, the allocator's
+  ``peak_bytes_in_use`` (cumulative over the process, so rows should run smallest first);
+- with torch importable (``--torch``), the same workload on ``torch_reference`` (its docstring
+  says exactly what runs) and ``ratio`` = jprompt img/s / torch img/s. JAX and torch repeats
+  alternate (``--repeats`` rounds of ``--steps`` steps each) and each side takes the median over
+  all its steps, so a shared, noisy machine slows both alike.
+
+    python benchmarks/step_speed.py --methods=vp,vpt_deep --backbones=vit_ti16,vit_b16 \
+        --batch_sizes=16 --json=/tmp/step_speed.json
+
+A smoke run: ``--backbones=vit_tiny16 --image_size=32 --batch_sizes=2 --steps=1 --repeats=1``.
+XLA flags go through the ``XLA_FLAGS`` environment variable as usual.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import ConfigDict
+
+from jprompt import methods, train
+from jprompt.models import backbones
+
+# harness name -> (jprompt method, its options)
+METHODS = {
+    "vp": ("vp", {}),
+    "vpt": ("vpt", {"deep": False}),
+    "vpt_deep": ("vpt", {"deep": True}),
+    "pgn": ("pgn", {}),
+    "linear_probe": ("linear_probe", {}),
+}
+NUM_CLASSES = 100
+MIB = 2**20
+
+_METHODS = flags.DEFINE_list("methods", ["vp", "vpt_deep", "pgn"], f"Of {list(METHODS)}.")
+_BACKBONES = flags.DEFINE_list("backbones", ["vit_ti16", "vit_b16", "clip_b32"], "Backbones.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["16"], "Batch sizes.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_enum(
+    "param_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the frozen backbone."
+)
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each encoder block in the backward.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating JAX/torch rounds.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
+_TORCH = flags.DEFINE_bool(
+    "torch", importlib.util.find_spec("torch") is not None, "Run the PyTorch reference."
+)
+_JSON = flags.DEFINE_string("json", None, "Write the rows (and the machine) here as JSON.")
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    backbone: str
+    batch: int
+    img_s: float
+    compile_s: float
+    model_tflop: float  # per step
+    peak_flops: float  # the matmul peak measured alongside this row
+    peak_frac: float
+    mem_mib: float
+    device_peak_mib: float | None = None
+    torch_img_s: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        return self.img_s / self.torch_img_s if self.torch_img_s else None
+
+
+def timed(fn, sync) -> float:
+    start = time.perf_counter()
+    sync(fn())
+    return time.perf_counter() - start
+
+
+def matmul_timer(dtype: str):
+    """``(run, flops)``: a large square matmul in ``dtype`` and its FLOPs, for the peak."""
+    n = 8192 if jax.default_backend() == "gpu" else 2048
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ a)
+    matmul(a).block_until_ready()
+    return (lambda: matmul(a)), 2 * n**3
+
+
+def model_flops(module, method: str, batch: int, image_size: int) -> float:
+    """Backbone FLOPs of one step (module docstring): forward, plus activation gradients from
+    the first layer a prompt enters (the patch embedding for VP) up to the loss."""
+    d, mlp, depth, patch = module.hidden_size, module.mlp_dim, module.depth, module.patch_size
+    patches = (image_size // patch) ** 2
+    extra = {"vpt": 10, "vpt_deep": 10, "pgn": 16}.get(method, 0)
+    tokens = patches + 1 + extra
+    linear = 2 * tokens * (4 * d * d + 2 * d * mlp)  # q, k, v, out, and the MLP
+    attention = 2 * 2 * tokens * tokens * d  # scores and the weighted sum
+    embed = 2 * patches * patch * patch * 3 * d
+    forward = embed + depth * (linear + attention)
+    if method == "linear_probe":
+        return batch * forward
+    # Activation gradients: one matmul per linear layer, two per attention matmul.
+    backward = depth * (linear + 2 * attention) + (embed if method == "vp" else 0)
+    return batch * (forward + backward)
+
+
+def vp_prompt_size() -> int:
+    """VP's padding width: the paper's 30 px at 224 px, scaled with the image size."""
+    return max(1, 30 * _IMAGE_SIZE.value // 224)
+
+
+def build_jax_step(name: str, method: str, batch: int):
+    """``(run, compile_s, mem_mib, module)``: ``run()`` performs one jitted training step."""
+    config = ConfigDict(
+        dict(
+            name=name,
+            checkpoint="",
+            pool="tok",
+            dropout_rate=0.0,
+            representation_size=0,
+            compute_dtype=_DTYPE.value,
+            param_dtype=_PARAM_DTYPE.value,
+            remat=_REMAT.value,
+        )
+    )
+    image_size = _IMAGE_SIZE.value
+    backbone, params = backbones.build(config, image_size=image_size, rng=jax.random.key(0))
+    method_name, options = METHODS[method]
+    if method == "vp":
+        options = {"prompt_size": vp_prompt_size()}
+    built = methods.build(method_name, backbone=backbone, num_classes=NUM_CLASSES, **options)
+    trained, frozen = built.init(jax.random.key(1), params)
+    tx = optax.sgd(0.01, momentum=0.9)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trained": trained,
+        "opt_state": tx.init(trained["params"]),
+    }
+    rng = np.random.default_rng(0)
+    batch_arrays = {
+        "image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
+    }
+    step = jax.jit(train.make_train_step(built, tx, steps_per_epoch=1000), donate_argnums=(0,))
+    key = jax.random.key(2)
+    lowered = step.lower(state, frozen, batch_arrays, key)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    mem_mib = float("nan")
+    if memory is not None:
+        live = (
+            memory.argument_size_in_bytes
+            + memory.temp_size_in_bytes
+            + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+        mem_mib = live / MIB
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], frozen, batch_arrays, key)
+        return metrics
+
+    return run, compile_s, mem_mib, backbone.module
+
+
+def build_torch_step(module, method: str, batch: int):
+    import torch
+    import torch_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step = torch_reference.make_step(
+        module,
+        method,
+        batch=batch,
+        image_size=_IMAGE_SIZE.value,
+        num_classes=NUM_CLASSES,
+        device=device,
+        bfloat16=_DTYPE.value == "bfloat16",
+        vp_prompt_size=vp_prompt_size(),
+    )
+
+    def sync(_):
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return step, sync
+
+
+def measure(method: str, name: str, batch: int, matmul) -> Row:
+    """One row; the matmul peak is re-measured in every round, between the steps."""
+    run, compile_s, mem_mib, module = build_jax_step(name, method, batch)
+    torch_step = build_torch_step(module, method, batch) if _TORCH.value else None
+    for _ in range(_WARMUP.value):
+        jax.block_until_ready(run())
+        if torch_step:
+            torch_step[1](torch_step[0]())
+    jax_times, torch_times, matmul_times = [], [], []
+    for _ in range(_REPEATS.value):
+        matmul_times += [timed(matmul[0], jax.block_until_ready) for _ in range(3)]
+        jax_times += [timed(run, jax.block_until_ready) for _ in range(_STEPS.value)]
+        if torch_step:
+            torch_times += [timed(*torch_step) for _ in range(_STEPS.value)]
+    seconds = statistics.median(jax_times)
+    peak = matmul[1] / statistics.median(matmul_times)
+    flops = model_flops(module, method, batch, _IMAGE_SIZE.value)
+    stats = jax.devices()[0].memory_stats() or {}
+    device_peak = stats.get("peak_bytes_in_use")
+    return Row(
+        method=method,
+        backbone=name,
+        batch=batch,
+        img_s=batch / seconds,
+        compile_s=compile_s,
+        model_tflop=flops / 1e12,
+        peak_flops=peak,
+        peak_frac=flops / seconds / peak,
+        mem_mib=mem_mib,
+        device_peak_mib=device_peak / MIB if device_peak else None,
+        torch_img_s=batch / statistics.median(torch_times) if torch_times else None,
+    )
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        f"{'method':<13}{'backbone':<11}{'batch':>6}{'img/s':>9}{'torch':>9}{'ratio':>7}"
+        f"{'compile_s':>10}{'peak%':>7}{'GFLOP/s':>9}{'mem_MiB':>9}"
+    )
+    lines = [head]
+    for r in rows:
+        torch_col = f"{r.torch_img_s:9.2f}" if r.torch_img_s else f"{'-':>9}"
+        ratio = f"{r.ratio:7.2f}" if r.ratio else f"{'-':>7}"
+        lines.append(
+            f"{r.method:<13}{r.backbone:<11}{r.batch:>6}{r.img_s:9.2f}{torch_col}{ratio}"
+            f"{r.compile_s:10.1f}{100 * r.peak_frac:7.1f}{r.peak_flops / 1e9:9.1f}{r.mem_mib:9.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(_METHODS.value) - set(METHODS))
+    if unknown:
+        raise app.UsageError(f"unknown methods {unknown}; valid: {list(METHODS)}")
+    matmul = matmul_timer(_DTYPE.value)
+    device = jax.devices()[0]
+    print(
+        f"{device.device_kind} ({jax.default_backend()}), compute {_DTYPE.value}, "
+        f"param_dtype={_PARAM_DTYPE.value}, remat={_REMAT.value}"
+    )
+    rows = []
+    for name in _BACKBONES.value:
+        for method in _METHODS.value:
+            for batch in map(int, _BATCH_SIZES.value):
+                rows.append(measure(method, name, batch, matmul))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(
+                {
+                    "device": device.device_kind,
+                    "platform": jax.default_backend(),
+                    "dtype": _DTYPE.value,
+                    "param_dtype": _PARAM_DTYPE.value,
+                    "remat": _REMAT.value,
+                    "rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows],
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,171 @@
+"""Speed and memory options: no backbone weight gradients in the compiled step, rematerialisation
+and bfloat16 giving the same training signal, and a smoke run of ``benchmarks/step_speed.py``."""
+
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from jprompt import methods, train
+from jprompt.models import backbones
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMAGE = 32
+BATCH = 2
+NUM_CLASSES = 10  # the head kernel (64, 10) is the one trained 2-D weight
+
+
+def _backbone(name="vit_tiny16", **options):
+    config = ConfigDict(
+        dict(
+            name=name,
+            checkpoint="",
+            pool="tok",
+            dropout_rate=0.0,
+            representation_size=0,
+            compute_dtype="float32",
+            param_dtype="float32",
+            remat=False,
+        )
+    )
+    config.update(options)
+    return backbones.build(config, image_size=IMAGE, rng=jax.random.key(0))
+
+
+def _step(method_name, backbone, params, **options):
+    """The trainer's jitted step for ``method_name`` and its arguments."""
+    method = methods.build(method_name, backbone=backbone, num_classes=NUM_CLASSES, **options)
+    trained, frozen = method.init(jax.random.key(1), params)
+    tx = optax.sgd(0.1)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "trained": trained,
+        "opt_state": tx.init(trained["params"]),
+    }
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.uniform(-1, 1, (BATCH, IMAGE, IMAGE, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, BATCH), jnp.int32),
+    }
+    step = jax.jit(train.make_train_step(method, tx, steps_per_epoch=10))
+    return step, (state, frozen, batch, jax.random.key(2))
+
+
+def _dot_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Output shapes of every dot and convolution in an HLO module's text, fusions included."""
+    found = re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[^}]*\} (?:dot|convolution)\(", hlo)
+    return [tuple(int(d) for d in dims.split(",") if d) for dims in found]
+
+
+def _weight_shapes(tree) -> set[tuple[int, ...]]:
+    """Each >= 2-D leaf's shape and its 2-D views (how a weight gradient's dot may be laid out)."""
+    shapes = set()
+    for leaf in jax.tree.leaves(tree):
+        if leaf.ndim >= 2:
+            s = leaf.shape
+            shapes |= {s, (math.prod(s[:-1]), s[-1]), (s[0], math.prod(s[1:]))}
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "method_name, options", [("vp", {"prompt_size": 4}), ("vpt", {"deep": True})]
+)
+def test_compiled_step_computes_no_backbone_weight_gradient(method_name, options):
+    backbone, params = _backbone()
+    step, args = _step(method_name, backbone, params, **options)
+    dots = _dot_shapes(step.lower(*args).compile().as_text())
+    frozen_shapes = _weight_shapes(params)
+    # Sequences are 2 x 15 tokens here, so no activation has a frozen kernel's shape.
+    assert dots, "no dot found: the HLO parsing is broken"
+    assert not [shape for shape in dots if shape in frozen_shapes]
+    # The only trained 2-D weight, the head, does get its gradient dot.
+    assert (backbone.feature_dim, NUM_CLASSES) in dots
+
+    # The check can fail: fine-tuning the same backbone computes those weight gradients.
+    finetune, args = _step("finetune", backbone, params)
+    finetune_dots = _dot_shapes(finetune.lower(*args).compile().as_text())
+    # (attention out and the two MLP kernels of each layer at least; q/k/v are one fused dot)
+    assert len([shape for shape in finetune_dots if shape in frozen_shapes]) >= 3 * 2
+
+
+def _loss_and_prompt_grads(backbone, params, **options):
+    method = methods.build("vpt", backbone=backbone, num_classes=NUM_CLASSES, deep=True, **options)
+    trained, frozen = method.init(jax.random.key(1), params)
+    images = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (BATCH, IMAGE, IMAGE, 3)))
+    labels = jnp.arange(BATCH)
+
+    def loss(p):
+        logits, _ = method.apply({"params": p}, frozen, images, rng=None, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(p).mean()))(trained["params"])
+    return value, grads, loss, trained["params"]
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    backbone, params = _backbone()
+    remat_backbone, remat_params = _backbone(remat=True)
+    assert remat_backbone.module.remat and not backbone.module.remat
+    loss, grads, _, _ = _loss_and_prompt_grads(backbone, params)
+    remat_loss, remat_grads, remat_fn, p = _loss_and_prompt_grads(remat_backbone, remat_params)
+    # remat really is in the program: each block is a checkpointed region.
+    jaxpr = str(jax.make_jaxpr(remat_fn)(p))
+    assert len(re.findall(r"\b(?:checkpoint|remat\d*)\[", jaxpr)) == backbone.module.depth
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # recomputed in another order
+    assert float(jnp.abs(grads["prompter"]["tokens"]).max()) > 0
+
+
+def test_bfloat16_compute_and_storage_stay_close_to_float32():
+    backbone, params = _backbone()
+    bf16, bf16_params = _backbone(compute_dtype="bfloat16", param_dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert bf16.module.dtype == jnp.bfloat16
+    loss, grads, _, _ = _loss_and_prompt_grads(backbone, params)
+    bf16_loss, bf16_grads, _, _ = _loss_and_prompt_grads(bf16, bf16_params)
+    assert bf16_loss != loss  # it really ran in bfloat16
+    np.testing.assert_allclose(bf16_loss, loss, rtol=2e-2)
+    tokens, bf16_tokens = grads["prompter"]["tokens"], bf16_grads["prompter"]["tokens"]
+    relative = jnp.linalg.norm(bf16_tokens - tokens) / jnp.linalg.norm(tokens)
+    assert float(relative) < 0.1
+
+
+def test_unknown_dtype_is_rejected():
+    with pytest.raises(ValueError, match="unknown backbone.compute_dtype 'float16'"):
+        _backbone(compute_dtype="float16")
+
+
+def test_step_speed_harness_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    args = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "step_speed.py"),
+        "--backbones=vit_tiny16",
+        "--methods=vpt_deep",
+        f"--image_size={IMAGE}",
+        f"--batch_sizes={BATCH}",
+        "--steps=1",
+        "--repeats=1",
+        "--warmup=0",
+        f"--json={out}",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert (row["method"], row["backbone"], row["batch"]) == ("vpt_deep", "vit_tiny16", BATCH)
+    assert row["img_s"] > 0 and row["compile_s"] > 0 and row["mem_mib"] > 0
+    assert row["peak_frac"] > 0 and row["peak_flops"] > 0
+    if row["torch_img_s"] is not None:
+        assert row["ratio"] == pytest.approx(row["img_s"] / row["torch_img_s"])
+    assert "vpt_deep" in result.stdout
