@@ -510,6 +510,15 @@ def _fgvc(name, tfds_name, version, splits, num_classes, **kw) -> Preset:
     )
 
 
+def _image_label_info(builder) -> tfds.core.DatasetInfo:
+    """An image and a label whose class names the builder sets from the local files."""
+    features = {
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(num_classes=None),
+    }
+    return tfds.core.DatasetInfo(builder=builder, features=tfds.features.FeaturesDict(features))
+
+
 class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     """Image-classification data from a local directory, for datasets tfds does not have.
 
@@ -526,11 +535,7 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     )
 
     def _info(self):
-        features = {
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(num_classes=None),
-        }
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+        return _image_label_info(self)
 
     def _split_generators(self, dl_manager):
         root = dl_manager.manual_dir / self.builder_config.name
@@ -605,11 +610,7 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
     )
 
     def _info(self):
-        features = {
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(num_classes=None),
-        }
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+        return _image_label_info(self)
 
     def _split_generators(self, dl_manager):
         name = self.builder_config.name
