@@ -173,8 +173,8 @@ def _process(process_index, process_count, global_batch_size) -> tuple[int, int,
 # Marks the assertion a bad label trips inside the tf.data graph, to tell it from a decode error.
 _LABEL_ASSERTION = "jprompt: label out of range"
 _NAMED_AT_MOST = 5  # bad examples named in an error or warning
-# (data_dir, split share, image key) -> positions of undecodable examples, and the first ids.
-_UNDECODABLE: dict[tuple[str, str, str], tuple[tuple[int, ...], list[str]]] = {}
+# (data_dir, split share, example map) -> positions of undecodable examples, the first ids.
+_UNDECODABLE: dict[tuple, tuple[tuple[int, ...], list[str]]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +243,7 @@ class _Share:
 
     def undecodable(self) -> tuple[tuple[int, ...], list[str]]:
         """Positions of the examples whose image does not decode, and the first few's ids."""
-        key = (str(self.builder.data_dir), self.tfds_split, self.example_map.image_key)
+        key = (str(self.builder.data_dir), self.tfds_split, self.example_map)
         if key not in _UNDECODABLE:
             decode = self.example_map.decode
 
