@@ -19,6 +19,7 @@ import time
 from absl import app, flags
 
 from jprompt import config_lib, train
+from jprompt.data import presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,8 @@ ROWS = (
 
 def load_config(row: Row, target: str, backbone: str):
     config = config_lib.load(f"{ROOT / 'configs' / row.config_file}:{row.arg},backbone={backbone}")
-    config.dataset.name = f"jprompt_shapes/{target}"
+    preset = presets.get(f"jprompt_shapes/{target}")
+    config.dataset.update(name=preset.tfds_spec, preset=preset.name, num_classes=preset.num_classes)
     return config
 
 

@@ -184,7 +184,8 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         raise ValueError(
             f"config.dataset.num_classes={config.dataset.num_classes} (preset "
             f"{config.dataset.preset!r}) but {config.dataset.name} has "
-            f"{train_info.num_classes} classes: the preset does not fit this dataset version"
+            f"{train_info.num_classes} classes: the preset does not fit this dataset. Choose the "
+            "dataset with the config arg dataset=NAME, or set config.dataset.num_classes=0"
         )
     steps_per_epoch = train_info.num_examples // config.batch_size
     if steps_per_epoch == 0:
