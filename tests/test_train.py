@@ -198,3 +198,15 @@ def test_selection_last_tests_the_final_state(tiny_config, tmp_path):
     assert results["test"] == final
     with pytest.raises(ValueError, match=r"unknown selection 'best'; valid choices: \('val'"):
         train.create_experiment(tiny_config(selection="best"))
+
+
+def test_dataset_that_does_not_fit_its_preset_fails_naming_both(tiny_config):
+    config = tiny_config()
+    config.dataset.name = "jprompt_shapes/count"  # 6 classes; the colors preset says 8
+    with pytest.raises(ValueError) as error:
+        train.create_experiment(config)
+    assert str(error.value).startswith(
+        "config.dataset.num_classes=8 (preset 'jprompt_shapes/colors') but jprompt_shapes/count "
+        "has 6 classes"
+    )
+    assert "dataset=NAME" in str(error.value)
