@@ -40,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
-from ml_collections import ConfigDict
 
-from jprompt import methods, train
+from jprompt import config_lib, methods, train
 from jprompt.models import backbones
 
 # harness name -> (jprompt method, its options)
@@ -133,17 +132,8 @@ def vp_prompt_size() -> int:
 
 def build_jax_step(name: str, method: str, batch: int):
     """``(run, compile_s, mem_mib, module)``: ``run()`` performs one jitted training step."""
-    config = ConfigDict(
-        dict(
-            name=name,
-            checkpoint="",
-            pool="tok",
-            dropout_rate=0.0,
-            representation_size=0,
-            compute_dtype=_DTYPE.value,
-            param_dtype=_PARAM_DTYPE.value,
-            remat=_REMAT.value,
-        )
+    config = config_lib.backbone_config(
+        name, compute_dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value
     )
     image_size = _IMAGE_SIZE.value
     backbone, params = backbones.build(config, image_size=image_size, rng=jax.random.key(0))

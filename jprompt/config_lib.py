@@ -107,6 +107,25 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ValueError(f"config arg {key!r} expects true/false, got {value!r}")
 
 
+def backbone_config(name: str, **overrides) -> ConfigDict:
+    """``config.backbone``: the backbone ``name`` with default options (random init without a
+    ``checkpoint``); ``overrides`` replace any of them."""
+    config = ConfigDict(
+        dict(
+            name=name,
+            checkpoint="",
+            pool="tok",
+            dropout_rate=0.0,
+            representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
+            compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
+            param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
+            remat=False,  # recompute each block in the backward: less memory, ~1 more forward
+        )
+    )
+    config.update(overrides)
+    return config
+
+
 def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
     config = ConfigDict()
@@ -143,18 +162,8 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             skip_undecodable=False,
         )
     )
-    config.backbone = ConfigDict(
-        dict(
-            name=backbone,
-            checkpoint=DEMO_CHECKPOINTS[backbone] if demo else CHECKPOINTS.get(backbone, ""),
-            pool="tok",
-            dropout_rate=0.0,
-            representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
-            compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
-            param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
-            remat=False,  # recompute each block in the backward: less memory, ~1 more forward
-        )
-    )
+    checkpoint = DEMO_CHECKPOINTS[backbone] if demo else CHECKPOINTS.get(backbone, "")
+    config.backbone = backbone_config(backbone, checkpoint=checkpoint)
     config.method = ConfigDict()
     config.head = ConfigDict(
         dict(

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import ConfigDict
 
-from jprompt import methods, train
+from jprompt import config_lib, methods, train
 from jprompt.models import backbones
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -25,19 +24,7 @@ NUM_CLASSES = 10  # the head kernel (64, 10) is the one trained 2-D weight
 
 
 def _backbone(name="vit_tiny16", **options):
-    config = ConfigDict(
-        dict(
-            name=name,
-            checkpoint="",
-            pool="tok",
-            dropout_rate=0.0,
-            representation_size=0,
-            compute_dtype="float32",
-            param_dtype="float32",
-            remat=False,
-        )
-    )
-    config.update(options)
+    config = config_lib.backbone_config(name, **options)
     return backbones.build(config, image_size=IMAGE, rng=jax.random.key(0))
 
 
