@@ -637,17 +637,19 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
 COOP_SPLIT = CoopSplit.name
 LOCAL_BUILDERS = (LOCAL_FOLDER, COOP_SPLIT)  # prepared from local files, never downloaded
 
+
+def _unversioned(name, tfds_name, num_classes, group, source, **kw) -> Preset:
+    """A builder defined in jprompt, read with its own train / validation / test splits."""
+    return Preset(name, tfds_name, "", *_OFFICIAL, num_classes, group, source, **kw)
+
+
 _COOP_PRESETS = tuple(
-    Preset(
-        name=f"coop/{name}",
-        tfds_name=f"{COOP_SPLIT}/{name}",
-        version="",
-        train="train",
-        val="validation",
-        test="test",
-        num_classes=classes,
-        group="coop",
-        source=f"CoOp (Zhou et al. 2022), {split_file}",
+    _unversioned(
+        f"coop/{name}",
+        f"{COOP_SPLIT}/{name}",
+        classes,
+        "coop",
+        f"CoOp (Zhou et al. 2022), {split_file}",
         download=(
             f"copy CoOp's {name} folder ({split_file} and {images or 'the images'}/) to "
             f"<manual_dir>/coop/{name}/"
@@ -657,16 +659,12 @@ _COOP_PRESETS = tuple(
 )
 
 _DEMO_PRESETS = tuple(
-    Preset(
-        name=f"jprompt_shapes/{task}",
-        tfds_name=f"jprompt_shapes/{task}",
-        version="",
-        train="train",
-        val="validation",
-        test="test",
-        num_classes=classes,
-        group="demo",
-        source="jprompt's offline procedural dataset",
+    _unversioned(
+        f"jprompt_shapes/{task}",
+        f"jprompt_shapes/{task}",
+        classes,
+        "demo",
+        "jprompt's offline procedural dataset",
     )
     for task, classes in (("shapes", 10), ("colors", 8), ("count", 6), ("textures", 8))
 )
