@@ -120,19 +120,21 @@ class MlpBlock(nn.Module):
 
 
 class _ProjectionParams(nn.Module):
-    """The ``kernel (D, *features)`` and ``bias (*features)`` of ``nn.DenseGeneral(features)``,
-    created under this module's name with the same init, but returned instead of applied."""
+    """The ``kernel (*in_shape, *features)`` and ``bias (*features)`` of the ``nn.DenseGeneral``
+    mapping ``in_shape`` to ``features``, created under this module's name with the same init,
+    but returned instead of applied."""
 
+    in_shape: tuple[int, ...]
     features: tuple[int, ...]
 
     @nn.compact
-    def __call__(self, in_features: int):
+    def __call__(self):
         def kernel_init(key, shape, dtype=jnp.float32):
             # DenseGeneral draws its kernel flattened to 2-D (fans from the flat shape).
-            flat = (shape[0], math.prod(shape[1:]))
+            flat = (math.prod(self.in_shape), math.prod(self.features))
             return nn.initializers.xavier_uniform()(key, flat, dtype).reshape(shape)
 
-        kernel = self.param("kernel", kernel_init, (in_features, *self.features), jnp.float32)
+        kernel = self.param("kernel", kernel_init, (*self.in_shape, *self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, self.features, jnp.float32)
         return kernel, bias
 
@@ -141,10 +143,12 @@ class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with the parameter layout of ``flax.linen.MultiHeadDotProductAttention``.
 
     ``query/key/value`` kernels are (D, H, D/H) and ``out`` is (H, D/H, D), as in the published
-    checkpoints. Without attention dropout it runs ``jax.nn.dot_product_attention`` (which can
-    use a fused kernel); with dropout during training it computes the weights explicitly so they
-    can be dropped. ``causal`` lets each token attend only to itself and earlier tokens (CLIP's
-    text tower).
+    checkpoints. It computes what ``jax.nn.dot_product_attention`` computes (its XLA path; the
+    softmax in float32), laid out heads-major: q, k and v come out of one fused projection as
+    (B, H, T, D/H), so both attention matmuls batch over contiguous (B, H) blocks. XLA:CPU ran
+    the (B, T, H, D/H) layout ``jax.nn.dot_product_attention`` takes about 1.4x slower
+    (``benchmarks/step_speed.py``). The explicit weights also take the attention dropout.
+    ``causal`` lets each token attend only to itself and earlier tokens (CLIP's text tower).
     """
 
     num_heads: int
@@ -158,36 +162,32 @@ class MultiHeadDotProductAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
-        features = (self.num_heads, head_dim)
-        # The three projections run as one (D, 3 H D/H) matmul, which keeps the CPU's matmul
-        # units busier than three narrow ones; the parameters stay the checkpoint's three.
+        heads = (self.num_heads, head_dim)
+        # One (D, 3 H D/H) matmul instead of three narrow ones keeps the matmul units busier;
+        # the parameters stay the checkpoint's three.
         projections = [
-            _ProjectionParams(features, name=name)(width) for name in ("query", "key", "value")
+            _ProjectionParams((width,), heads, name=name)() for name in ("query", "key", "value")
         ]
-        kernel = jnp.stack([kernel for kernel, _ in projections], axis=1).astype(self.dtype)
-        bias = jnp.stack([bias for _, bias in projections]).astype(self.dtype)
-        qkv = jnp.einsum("btd,dchk->btchk", x.astype(self.dtype), kernel) + bias
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, H, D/H) each
+        # The 1/sqrt(D/H) logit scale is folded into the query projection: a scale of the
+        # (B, H, T, T) logits costs a pass over them (and XLA:CPU materialised its broadcast).
+        scale = jnp.array([1 / math.sqrt(head_dim), 1, 1])[:, None, None]
+        kernel = jnp.stack([kernel for kernel, _ in projections], axis=1) * scale
+        bias = jnp.stack([bias for _, bias in projections]) * scale
+        qkv = jnp.einsum("btd,dchk->cbhtk", x.astype(self.dtype), kernel.astype(self.dtype))
+        q, k, v = qkv + bias[:, None, :, None, :].astype(self.dtype)  # (B, H, T, D/H) each
 
-        if deterministic or self.dropout_rate == 0.0:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-            if self.causal:
-                length = x.shape[1]
-                mask = jnp.tril(jnp.ones((length, length), bool))
-                logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-            y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        logits = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)
+        if self.causal:
+            length = x.shape[1]
+            mask = jnp.tril(jnp.ones((length, length), bool))
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        y = jnp.einsum("bhqs,bhsk->bhqk", weights, v)
 
-        return nn.DenseGeneral(
-            features=width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            name="out",
-        )(y)
+        out_kernel, out_bias = _ProjectionParams(heads, (width,), name="out")()
+        y = jnp.einsum("bhtk,hkd->btd", y, out_kernel.astype(self.dtype))
+        return y + out_bias.astype(self.dtype)
 
 
 class Encoder1DBlock(nn.Module):
