@@ -9,6 +9,16 @@ features), dataset=NAME (default cifar100), demo (offline tiny run).
 
 Recipe as VPT's linear baseline: SGD momentum 0.9, batch 256, 100 epochs, 10 warmup epochs then
 cosine; lr 0.1 here (VPT searches {50 ... 0.05} x batch/256 on a validation split).
+
+Features are cached (``config.method.cache_features``, ``jprompt.feature_cache``): the backbone
+runs once per image of the train, validation and test splits, and the head trains on those
+features. That needs deterministic training images, so this config trains on plain resized
+images (``config.input.train_crop="resize"``, ``config.input.flip=False``) whatever the
+dataset preset augments with (the FGVC presets crop and flip at random); evaluation keeps the
+preset's ``eval_crop``. For the preset's augmentation, at one backbone forward per image per
+epoch, add
+``--config.method.cache_features=False --config.input.train_crop=resize_random_crop
+--config.input.flip=True``.
 """
 
 from jprompt import config_lib
@@ -20,6 +30,9 @@ def get_config(arg=None):
     config.head.name = "linear"  # on CLIP too: a zero-shot head would leave nothing to train
     config.method.name = "linear_probe"
     config.method.head_init = "zeros"
+    config.method.cache_features = True
+    config.input.train_crop = "resize"  # cached features cannot follow random augmentation
+    config.input.flip = False
 
     config.optim.lr = 0.1
     config.num_epochs = 100

@@ -10,11 +10,15 @@ resumed run ends exactly where an uninterrupted one would, however the previous 
 ``max_steps``, SIGTERM (a checkpoint is written first) or SIGKILL (the work since the last
 checkpoint is redone).
 
+A linear probe with ``cache_features`` computes each image's backbone features once and trains
+its head on them (``jprompt.feature_cache``); the loop, checkpoints and selection are the same.
+
 In a multi-process job (``jprompt.distributed``) every process runs this same loop on its own
 share of the data; only process 0 writes logs, pictures and results.
 """
 
 import dataclasses
+import functools
 import json
 import signal
 import threading
@@ -32,6 +36,7 @@ from jprompt import (
     checkpoint,
     config_lib,
     distributed,
+    feature_cache,
     methods,
     optim,
     sharding,
@@ -98,7 +103,10 @@ def make_train_step(
 class Experiment:
     """Everything a run is made of, before any training step: built by ``create_experiment``.
 
-    Colab users and tests drive ``train_step``/``eval_step`` directly from here.
+    Colab users and tests drive ``train_step``/``eval_step`` directly from here. With
+    ``features`` (a linear probe's ``cache_features``) the steps take the backbone's features
+    in place of images, and ``train_batches``/``eval_batches`` yield them (in the ``"image"``
+    key) from the cache.
     """
 
     config: ConfigDict
@@ -114,10 +122,19 @@ class Experiment:
     eval_rng: jax.Array
     train_step: Callable
     eval_step: Callable
+    features: feature_cache.FeatureCache | None = None
 
     def train_batches(self, start_step: int = 0):
         """Host-local training batches, resuming the data order at ``start_step``."""
         data = self.config.dataset
+        if self.features is not None:
+            return feature_cache.train_iterator(
+                self.features.get(data.train_split, feature_cache.train_spec(self.spec)),
+                global_batch_size=self.config.batch_size,
+                seed=self.config.seed,
+                start_step=start_step,
+                shuffle_buffer=self.config.input.shuffle_buffer,
+            )
         return pipeline.train_iterator(
             data.name,
             data.train_split,
@@ -131,13 +148,30 @@ class Experiment:
         )
 
     def eval_batches(self, split: str):
+        if self.features is not None:
+            return feature_cache.eval_iterator(
+                self.features.get(split, self.spec),
+                global_batch_size=self.config.eval_batch_size,
+            )
+        return self.image_batches(split, self.spec)
+
+    def image_batches(self, split: str, spec: PreprocessSpec):
+        """One pass over ``split``'s images preprocessed by ``spec`` (``spec.eval_crop``)."""
         return pipeline.eval_iterator(
             self.config.dataset.name,
             split,
             global_batch_size=self.config.eval_batch_size,
-            spec=self.spec,
+            spec=spec,
             data_dir=self.config.dataset.data_dir or None,
             **self._example_options(),
+        )
+
+    def num_eval_batches(self, split: str) -> int:
+        return pipeline.num_eval_batches(
+            self.config.dataset.name,
+            split,
+            global_batch_size=self.config.eval_batch_size,
+            data_dir=self.config.dataset.data_dir or None,
         )
 
     def _example_options(self) -> dict:
@@ -208,6 +242,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         zeroshot=build_zeroshot_head(config, backbone, train_info.class_names),
         **method_options,
     )
+    cache = isinstance(method, methods.LinearProbe) and method.cache_features
     trained, frozen = method.init(init_rng, backbone_params)
     tx, schedules = optim.build(
         config.optim, trained["params"], total_steps=total_steps, steps_per_epoch=steps_per_epoch
@@ -225,7 +260,10 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         flip=config.input.flip,
         normalization=backbone.normalization,
     )
-    return Experiment(
+    if cache:
+        feature_cache.train_spec(spec)  # refuse random augmentation before any work
+    step_method = method.on_features() if cache else method
+    experiment = Experiment(
         config=config,
         mesh=mesh,
         method=method,
@@ -239,12 +277,24 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         eval_rng=eval_rng,
         # The state is donated: its buffers are reused for the next state, halving its memory.
         train_step=jax.jit(
-            make_train_step(method, tx, steps_per_epoch),
+            make_train_step(step_method, tx, steps_per_epoch),
             donate_argnums=(0,),
             out_shardings=(replicated, replicated),
         ),
-        eval_step=jax.jit(make_eval_step(method), out_shardings=replicated),
+        eval_step=jax.jit(make_eval_step(step_method), out_shardings=replicated),
     )
+    if cache:
+        forward = jax.jit(
+            lambda frozen, images: method.features(frozen, images)[0],
+            out_shardings=sharding.batch_sharded(mesh),
+        )
+        experiment.features = feature_cache.FeatureCache(
+            functools.partial(forward, experiment.frozen),
+            mesh,
+            read=experiment.image_batches,
+            num_batches=experiment.num_eval_batches,
+        )
+    return experiment
 
 
 HEADS = ("linear", "zeroshot")

@@ -318,6 +318,16 @@ def numpy_batches(ds: tf.data.Dataset, share: _Share) -> Iterator[dict]:
         yield batch
 
 
+def shuffled_forever(
+    ds: tf.data.Dataset, *, seed: int, process_index: int, buffer: int
+) -> tf.data.Dataset:
+    """``ds`` repeated endlessly, reshuffled every pass: the training order, a function of the
+    seed and the process only."""
+    # crc32, not hash(): Python salts hashes per process, and this must not change on restart.
+    shuffle_seed = zlib.crc32(f"{seed}/{process_index}".encode())
+    return ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
+
+
 def train_iterator(
     name: str,
     split: str,
@@ -351,9 +361,7 @@ def train_iterator(
         raise ValueError(f"{name}:{split} has no examples for process {index} of {count}")
     ds, _ = share.examples(skip_undecodable=skip_undecodable)
     ds = ds.map(lambda position, encoded, label: (encoded, label))
-    # crc32, not hash(): Python salts hashes per process, and this must not change on restart.
-    shuffle_seed = zlib.crc32(f"{seed}/{index}".encode())
-    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
+    ds = shuffled_forever(ds, seed=seed, process_index=index, buffer=shuffle_buffer)
     ds = ds.enumerate().skip(start_step * batch)  # skip encoded bytes: cheap
     base_seed = tf.constant([seed, index], tf.int64)
 
