@@ -2,8 +2,8 @@ r"""Training-step speed of jprompt, side by side with a PyTorch reference of the
 
 For each method x backbone x batch size the harness builds the real library step
 (``jprompt.models.backbones.build``, ``jprompt.methods.build``, ``jprompt.train.make_train_step``
-with SGD + momentum, jitted with the state donated as the trainer does; random weights, a linear
-head on 100 classes) and reports:
+with SGD + momentum, jitted with the state donated and with ``jprompt.compilation``'s options,
+as the trainer does; random weights, a linear head on 100 classes) and reports:
 
 - ``img/s``: batch / median step time over all timed steps, after compilation and warm-up, each
   step ended by ``block_until_ready``;
@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from jprompt import config_lib, methods, train
+from jprompt import compilation, config_lib, methods, train
 from jprompt.models import backbones
 
 # harness name -> (jprompt method, its options)
@@ -153,7 +153,11 @@ def build_jax_step(name: str, method: str, batch: int):
         "image": jnp.asarray(rng.normal(size=(batch, image_size, image_size, 3)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
     }
-    step = jax.jit(train.make_train_step(built, tx, steps_per_epoch=1000), donate_argnums=(0,))
+    step = jax.jit(
+        train.make_train_step(built, tx, steps_per_epoch=1000),
+        donate_argnums=(0,),
+        compiler_options=compilation.step_options(jax.default_backend()),
+    )
     key = jax.random.key(2)
     lowered = step.lower(state, frozen, batch_arrays, key)
     start = time.perf_counter()

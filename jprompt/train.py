@@ -34,6 +34,7 @@ from ml_collections import ConfigDict
 
 from jprompt import (
     checkpoint,
+    compilation,
     config_lib,
     distributed,
     feature_cache,
@@ -263,6 +264,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
     if cache:
         feature_cache.train_spec(spec)  # refuse random augmentation before any work
     step_method = method.on_features() if cache else method
+    options = compilation.step_options(mesh.devices.flat[0].platform)
     experiment = Experiment(
         config=config,
         mesh=mesh,
@@ -280,8 +282,11 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             make_train_step(step_method, tx, steps_per_epoch),
             donate_argnums=(0,),
             out_shardings=(replicated, replicated),
+            compiler_options=options,
         ),
-        eval_step=jax.jit(make_eval_step(step_method), out_shardings=replicated),
+        eval_step=jax.jit(
+            make_eval_step(step_method), out_shardings=replicated, compiler_options=options
+        ),
     )
     if cache:
         forward = jax.jit(
