@@ -176,7 +176,8 @@ class MultiHeadDotProductAttention(nn.Module):
         qkv = jnp.einsum("btd,dchk->cbhtk", x.astype(self.dtype), kernel.astype(self.dtype))
         q, k, v = qkv + bias[:, None, :, None, :].astype(self.dtype)  # (B, H, T, D/H) each
 
-        logits = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)
+        # float32 logits whatever the compute dtype, as jax.nn.dot_product_attention's.
+        logits = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
         if self.causal:
             length = x.shape[1]
             mask = jnp.tril(jnp.ones((length, length), bool))
