@@ -33,9 +33,9 @@ Args (comma-separated after the file name):
                     tiny CLIP by default, the tiny ViT with backbone=vit_*), adapted to
                     jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
                     Test accuracy with seed 0, on 2 CPU cores shared with other jobs: tiny CLIP
-                    with its frozen zero-shot head 0.378 (zero-shot 0.133), ``demo,baseline``
+                    with its frozen zero-shot head 0.388 (zero-shot 0.133), ``demo,baseline``
                     (8 input-independent tokens) 0.245; tiny ViT with a linear head
-                    (demo,backbone=vit_b32) 0.922 in 85 s wall, its baseline 0.811 in 63 s
+                    (demo,backbone=vit_b32) 0.914, its baseline 0.811 (benchmarks/transfer.py)
 
 Recipe from the official code: SGD momentum 0.9, no weight decay, lr 0.1 for the PGN and the
 head, 100 epochs, linear warmup (50 epochs, the training scripts' default) then cosine to lr/100,
