@@ -146,8 +146,9 @@ class MultiHeadDotProductAttention(nn.Module):
     checkpoints. It computes what ``jax.nn.dot_product_attention`` computes (its XLA path; the
     softmax in float32), laid out heads-major: q, k and v come out of one fused projection as
     (B, H, T, D/H), so both attention matmuls batch over contiguous (B, H) blocks. XLA:CPU ran
-    the (B, T, H, D/H) layout ``jax.nn.dot_product_attention`` takes about 1.4x slower
-    (``benchmarks/step_speed.py``). The explicit weights also take the attention dropout.
+    the (B, T, H, D/H) layout ``jax.nn.dot_product_attention`` takes slower in every A/B run
+    (its P @ V became a transposed batched matmul; README, "Training-step speed"). The explicit
+    weights also take the attention dropout.
     ``causal`` lets each token attend only to itself and earlier tokens (CLIP's text tower).
     """
 
