@@ -14,11 +14,11 @@ It prints images/s of both and their ratio (1.0 = the pipeline costs nothing). O
 machine the pipeline and the step share the same cores, so the ratio there is a lower bound.
 
     python benchmarks/input_pipeline.py --config=configs/vpt.py:demo \
-        --set=backbone.name=vit_ti16 --set=backbone.checkpoint= --set=input.image_size=224 \
-        --set=batch_size=32
+        --config.backbone.name=vit_ti16 --config.backbone.checkpoint= \
+        --config.input.image_size=224 --config.batch_size=32
 
-``--set FIELD=VALUE`` overrides any config field (repeatable), as ``--config.FIELD`` does for
-``jprompt.main``; the demo dataset (jprompt_shapes, generated offline) is the default input.
+``--config`` and its ``--config.FIELD=VALUE`` overrides work as for ``jprompt.main``; the demo
+dataset (jprompt_shapes, generated offline) is the default input.
 """
 
 import statistics
@@ -26,28 +26,20 @@ import time
 
 import jax
 from absl import app, flags
+from ml_collections import config_flags
 
-from jprompt import config_lib, sharding, train
+from jprompt import sharding, train
 
-_CONFIG = flags.DEFINE_string("config", "configs/vpt.py:demo", "Config file[:args].")
-_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE config overrides.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/vpt.py:demo", "Config file[:args], as for jprompt.main.", lock_config=True
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating rounds of each kind.")
 
 
-def overrides(items: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--set expects FIELD=VALUE, got {item!r}")
-        pairs[field] = value
-    return pairs
-
-
 def main(argv):
     del argv
-    config = config_lib.load(_CONFIG.value, overrides(_SET.value))
+    config = _CONFIG.value
     experiment = train.create_experiment(config)
     mesh = experiment.mesh
     batches = experiment.train_batches()
