@@ -183,3 +183,30 @@ def test_step_speed_harness_smoke(tmp_path):
     if row["torch_img_s"] is not None:
         assert row["ratio"] == pytest.approx(row["img_s"] / row["torch_img_s"])
     assert "vpt_deep" in result.stdout
+
+
+def test_cpu_step_options_keep_only_what_this_jaxlib_accepts(monkeypatch):
+    assert compilation.step_options("gpu") == {}
+    # This jaxlib knows both options; one it does not know is left out instead of failing
+    # every compilation.
+    assert compilation.step_options("cpu") == compilation.CPU_OPTIONS
+    unknown = {"xla_cpu_no_such_option": "1"}
+    monkeypatch.setattr(compilation, "CPU_OPTIONS", {**compilation.CPU_OPTIONS, **unknown})
+    assert compilation.step_options("cpu") == {
+        name: value for name, value in compilation.CPU_OPTIONS.items() if name not in unknown
+    }
+
+
+def test_cpu_step_options_give_the_same_step():
+    backbone, params = _backbone()
+    default_step, args = _step("vpt", backbone, params, deep=True)
+    tuned_step, _ = _step(
+        "vpt", backbone, params, deep=True, compiler_options=compilation.step_options("cpu")
+    )
+    default_state, default_metrics = default_step(*args)
+    tuned_state, tuned_metrics = tuned_step(*args)
+    loss = [m.compute()["loss"] for m in (tuned_metrics, default_metrics)]
+    np.testing.assert_allclose(*loss, rtol=1e-6)
+    trained = [tuned_state["trained"], default_state["trained"]]
+    for a, b in zip(*map(jax.tree.leaves, trained), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # matmuls sum in another order
