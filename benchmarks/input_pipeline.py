@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jprompt import sharding, train
+from jprompt import host_memory, sharding, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/vpt.py:demo", "Config file[:args], as for jprompt.main.", lock_config=True
@@ -39,6 +39,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating rounds of each kind."
 
 def main(argv):
     del argv
+    host_memory.keep_freed_memory()  # as python -m jprompt.main does
     config = _CONFIG.value
     experiment = train.create_experiment(config)
     mesh = experiment.mesh

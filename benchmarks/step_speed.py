@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from jprompt import compilation, config_lib, methods, train
+from jprompt import compilation, config_lib, host_memory, methods, train
 from jprompt.models import backbones
 
 # harness name -> (jprompt method, its options)
@@ -69,6 +69,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating JAX/torch rounds.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool(
     "torch", importlib.util.find_spec("torch") is not None, "Run the PyTorch reference."
+)
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory",
+    True,
+    "Keep freed host memory in the process (jprompt.host_memory), as python -m jprompt.main does.",
 )
 _JSON = flags.DEFINE_string("json", None, "Write the rows (and the machine) here as JSON.")
 
@@ -257,6 +262,8 @@ def table(rows: list[Row]) -> str:
 
 def main(argv):
     del argv
+    if _KEEP_FREED_MEMORY.value:
+        host_memory.keep_freed_memory()  # before the backend starts
     unknown = sorted(set(_METHODS.value) - set(METHODS))
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; valid: {list(METHODS)}")

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jprompt import distributed, train
+from jprompt import distributed, host_memory, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -52,6 +52,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+    host_memory.keep_freed_memory()  # before the backend starts its threads
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX devices: %s", jax.devices())
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -1,0 +1,38 @@
+"""Keep host memory that a step frees inside the process, for the next step to reuse.
+
+XLA:CPU allocates a step's buffers with ``malloc`` and frees them when the step ends. glibc
+hands large blocks straight back to the operating system (``mmap``/``munmap``, and trimming
+the heap), so every step faults its working memory back in page by page: about 154,000 page
+faults per ViT-Ti/16 VPT-deep step at batch 16 and 610,000 per ViT-B/16 one, 4 to 8 seconds
+of kernel time per ViT-B/16 step on 2 cores. With the settings below a step takes no page
+fault once the first has run, and the step was 10-20% faster (README, "Training-step speed").
+The process then keeps its peak host memory until it exits, as accelerator allocators keep
+device memory.
+
+The settings are glibc's (``mallopt``): one malloc arena, so that XLA's worker threads
+allocate from the heap too (other arenas fall back to ``mmap`` for large blocks); no ``mmap``
+for large blocks; no trimming of the heap. They apply to memory allocated afterwards by
+threads started afterwards, so call :func:`keep_freed_memory` before JAX starts its backend
+(the first ``jax.devices()`` or computation): ``python -m jprompt.main`` does.
+"""
+
+import ctypes
+import ctypes.util
+import functools
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: never trim
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Apply the settings once; ``False`` where the C library has no ``mallopt`` (not glibc:
+    macOS, musl), which then keeps its own behaviour."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
