@@ -39,7 +39,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating rounds of each kind."
 
 def main(argv):
     del argv
-    host_memory.keep_freed_memory()  # as python -m jprompt.main does
+    host_memory.keep_freed_memory_on_cpu_hosts()  # as python -m jprompt.main does
     config = _CONFIG.value
     experiment = train.create_experiment(config)
     mesh = experiment.mesh

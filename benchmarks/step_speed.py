@@ -73,7 +73,8 @@ _TORCH = flags.DEFINE_bool(
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory",
     True,
-    "Keep freed host memory in the process (jprompt.host_memory), as python -m jprompt.main does.",
+    "On CPU hosts keep freed host memory in the process (jprompt.host_memory), as "
+    "python -m jprompt.main does.",
 )
 _JSON = flags.DEFINE_string("json", None, "Write the rows (and the machine) here as JSON.")
 
@@ -263,7 +264,7 @@ def table(rows: list[Row]) -> str:
 def main(argv):
     del argv
     if _KEEP_FREED_MEMORY.value:
-        host_memory.keep_freed_memory()  # before the backend starts
+        host_memory.keep_freed_memory_on_cpu_hosts()  # before the backend starts
     unknown = sorted(set(_METHODS.value) - set(METHODS))
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; valid: {list(METHODS)}")

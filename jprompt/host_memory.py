@@ -13,12 +13,17 @@ The settings are glibc's (``mallopt``): one malloc arena, so that XLA's worker t
 allocate from the heap too (other arenas fall back to ``mmap`` for large blocks); no ``mmap``
 for large blocks; no trimming of the heap. They apply to memory allocated afterwards by
 threads started afterwards, so call :func:`keep_freed_memory` before JAX starts its backend
-(the first ``jax.devices()`` or computation): ``python -m jprompt.main`` does.
+(the first ``jax.devices()`` or computation). ``python -m jprompt.main`` calls
+:func:`keep_freed_memory_on_cpu_hosts`, which applies them only where JAX has no accelerator
+plugin installed: on a GPU or TPU host the steps' memory is the device's, and one arena could
+slow a many-threaded input pipeline.
 """
 
 import ctypes
 import ctypes.util
 import functools
+import importlib.metadata
+import importlib.util
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -36,3 +41,15 @@ def keep_freed_memory() -> bool:
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
+
+
+def keep_freed_memory_on_cpu_hosts() -> bool:
+    """:func:`keep_freed_memory` where JAX can only run on the CPU (no accelerator plugins)."""
+    return not accelerator_plugins() and keep_freed_memory()
+
+
+def accelerator_plugins() -> list[str]:
+    """The JAX backend plugins (GPU, TPU...) installed beside jaxlib's CPU backend: the
+    ``jax_plugins`` entry points JAX loads, and libtpu."""
+    found = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    return found + (["libtpu"] if importlib.util.find_spec("libtpu") else [])

@@ -52,7 +52,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-    host_memory.keep_freed_memory()  # before the backend starts its threads
+    host_memory.keep_freed_memory_on_cpu_hosts()  # before the backend starts its threads
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX devices: %s", jax.devices())
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from jprompt import host_memory
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Page faults of the third VPT-deep gradient step of ViT-Ti/16 (64 px, batch 16), in a fresh
@@ -49,3 +51,12 @@ def test_a_step_reuses_the_memory_it_freed():
     default = _step_page_faults("default")
     assert default > 5_000, default  # the phenomenon: the step's memory faulted in again
     assert kept < 500, kept
+
+
+def test_hosts_with_an_accelerator_plugin_keep_glibc_defaults(monkeypatch):
+    def must_not_run():
+        raise AssertionError("applied on an accelerator host")
+
+    monkeypatch.setattr(host_memory, "keep_freed_memory", must_not_run)
+    monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: ["cuda"])
+    assert host_memory.keep_freed_memory_on_cpu_hosts() is False
