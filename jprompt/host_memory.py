@@ -4,8 +4,9 @@ XLA:CPU allocates a step's buffers with ``malloc`` and frees them when the step 
 hands large blocks straight back to the operating system (``mmap``/``munmap``, and trimming
 the heap), so every step faults its working memory back in page by page: about 154,000 page
 faults per ViT-Ti/16 VPT-deep step at batch 16 and 610,000 per ViT-B/16 one, 4 to 8 seconds
-of kernel time per ViT-B/16 step on 2 cores. With the settings below a step takes no page
-fault once the first has run, and the step was 10-20% faster (README, "Training-step speed").
+of kernel time per ViT-B/16 step on 2 cores. With the settings below a typical step takes
+no page fault once the heap has grown to the step's peak (over the first few steps), and the
+step was 10-20% faster (README, "Training-step speed").
 The process then keeps its peak host memory until it exits, as accelerator allocators keep
 device memory.
 
