@@ -55,13 +55,20 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(mlp_dim, dim)
         self.activation = activation
 
-    def forward(self, x):
+    def attention(self, x):
+        """Multi-head self-attention, projections included (no LayerNorm, no residual)."""
         b, t, d = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads)
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.fc2(self.activation(self.fc1(self.norm2(x))))
+        return self.proj(y)
+
+    def mlp(self, x):
+        return self.fc2(self.activation(self.fc1(x)))
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class ViT(nn.Module):

@@ -185,6 +185,27 @@ def test_step_speed_harness_smoke(tmp_path):
     assert "vpt_deep" in result.stdout
 
 
+def test_block_speed_benchmark_smoke():
+    args = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "block_speed.py"),
+        "--backbone=vit_tiny16",
+        f"--batch={BATCH}",
+        "--tokens=9",
+        "--steps=1",
+        "--repeats=1",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert list(rows) == ["attention", "mlp", "block", "stack"]
+    for name, (jax_ms, torch_ms, ratio) in rows.items():
+        assert float(jax_ms) > 0, name
+        if torch_ms != "-":
+            assert float(ratio) == pytest.approx(float(torch_ms) / float(jax_ms), rel=0.02)
+    assert "stack of 2 blocks" in result.stdout  # the tiny ViT's depth
+
+
 def test_cpu_step_options_keep_only_what_this_jaxlib_accepts(monkeypatch):
     assert compilation.step_options("gpu") == {}
     # This jaxlib knows both options; one it does not know is left out instead of failing

@@ -1,0 +1,172 @@
+r"""Where a prompt's training step spends its time: an encoder block's parts, JAX against PyTorch.
+
+For the widths of a ViT (``--backbone``; default ViT-Ti/16) at ``--tokens`` tokens (default 207:
+196 patches, the class token and VPT's 10 prompts) and ``--batch`` images, each part runs forward
+and backward with frozen random weights and the gradient taken with respect to its input only,
+as a prompt's step needs it (the loss is the sum of the output times a fixed random cotangent):
+
+- ``attention``: jprompt's ``MultiHeadDotProductAttention`` (fused q/k/v projection, heads-major
+  core, output projection) against ``torch_reference.Block.attention`` (fused ``qkv`` Linear,
+  ``F.scaled_dot_product_attention``, ``proj``);
+- ``mlp``: ``MlpBlock`` against ``Block.mlp`` (Linear, GELU, Linear);
+- ``block``: one ``Encoder1DBlock`` (LayerNorms and residuals included) against ``Block``;
+- ``stack``: ``--depth`` blocks in sequence (default: the backbone's depth), as a step runs them.
+
+JAX parts are jitted with ``jprompt.compilation``'s options, as the trainer's step; JAX and torch
+rounds alternate in one process (``--repeats`` rounds of ``--steps`` calls, medians), after
+``jprompt.host_memory``'s settings on CPU hosts, as ``step_speed.py``. ``ratio`` is torch time /
+JAX time: above 1, jprompt is faster.
+
+    python benchmarks/block_speed.py --backbone=vit_ti16 --batch=16
+"""
+
+import importlib.util
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jprompt import compilation, host_memory
+from jprompt.models import vit
+
+_BACKBONE = flags.DEFINE_string("backbone", "vit_ti16", "A ViT name (jprompt.models.vit).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
+_TOKENS = flags.DEFINE_integer("tokens", 207, "Sequence length.")
+_DEPTH = flags.DEFINE_integer("depth", 0, "Blocks in the stack; 0: the backbone's depth.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed calls per round.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating JAX/torch rounds.")
+_TORCH = flags.DEFINE_bool(
+    "torch", importlib.util.find_spec("torch") is not None, "Time the PyTorch parts too."
+)
+
+
+def jax_parts(module, depth: int) -> dict:
+    """name -> (init, apply) of jprompt's parts, ``apply(params, x)`` with dropout off."""
+    block = vit.Encoder1DBlock(
+        mlp_dim=module.mlp_dim,
+        num_heads=module.num_heads,
+        layernorm_epsilon=module.layernorm_epsilon,
+        activation=module.activation,
+    )
+    attention = vit.MultiHeadDotProductAttention(num_heads=module.num_heads)
+    mlp = vit.MlpBlock(mlp_dim=module.mlp_dim, activation=module.activation)
+
+    def init_stack(rng, x):
+        return [block.init(key, x, True) for key in jax.random.split(rng, depth)]
+
+    def apply_stack(params, x):
+        for layer in params:
+            x = block.apply(layer, x, True)
+        return x
+
+    def without_dropout(part):
+        return (
+            lambda rng, x: part.init(rng, x, deterministic=True),
+            lambda params, x: part.apply(params, x, deterministic=True),
+        )
+
+    return {
+        "attention": without_dropout(attention),
+        "mlp": without_dropout(mlp),
+        "block": without_dropout(block),
+        "stack": (init_stack, apply_stack),
+    }
+
+
+def jax_timer(init, apply, x, cotangent):
+    """A no-argument call running the part's forward and input-gradient backward once."""
+    params = init(jax.random.key(0), x)
+    grad = jax.jit(
+        jax.grad(lambda x, params, cotangent: jnp.sum(apply(params, x) * cotangent)),
+        compiler_options=compilation.step_options(jax.default_backend()),
+    )
+    jax.block_until_ready(grad(x, params, cotangent))  # compile
+    return lambda: jax.block_until_ready(grad(x, params, cotangent))
+
+
+def torch_parts(module, depth: int) -> dict:
+    """name -> the torch twin of each part (frozen parameters)."""
+    import torch
+    import torch_reference
+
+    activation = (
+        torch_reference.quick_gelu
+        if module.activation == "quick_gelu"
+        else torch_reference.tanh_gelu
+    )
+
+    def new_block():
+        return torch_reference.Block(
+            module.hidden_size,
+            module.num_heads,
+            module.mlp_dim,
+            module.layernorm_epsilon,
+            activation,
+        ).requires_grad_(False)
+
+    block = new_block()
+    return {
+        "attention": block.attention,
+        "mlp": block.mlp,
+        "block": block,
+        "stack": torch.nn.Sequential(*(new_block() for _ in range(depth))),
+    }
+
+
+def torch_timer(part, x, cotangent):
+    import torch
+
+    x = torch.from_numpy(x).requires_grad_()
+    cotangent = torch.from_numpy(cotangent)
+
+    def run():
+        x.grad = None
+        torch.sum(part(x) * cotangent).backward()
+
+    run()  # warm-up
+    return run
+
+
+def time_calls(run, samples: list[float]) -> None:
+    """Append the milliseconds of ``--steps`` calls of ``run`` to ``samples``."""
+    for _ in range(_STEPS.value):
+        start = time.perf_counter()
+        run()
+        samples.append(1e3 * (time.perf_counter() - start))
+
+
+def main(argv):
+    del argv
+    host_memory.keep_freed_memory_on_cpu_hosts()  # before the backend starts
+    module = vit.create(_BACKBONE.value)
+    depth = _DEPTH.value or module.depth
+    rng = np.random.default_rng(0)
+    shape = (_BATCH.value, _TOKENS.value, module.hidden_size)
+    x, cotangent = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    print(
+        f"{jax.devices()[0].device_kind} ({jax.default_backend()}), float32: {_BACKBONE.value} "
+        f"widths, batch {_BATCH.value}, {_TOKENS.value} tokens, stack of {depth} blocks"
+    )
+    print(f"{'part':<11}{'jax_ms':>9}{'torch_ms':>10}{'ratio':>7}")
+    torch_twins = torch_parts(module, depth) if _TORCH.value else {}
+    for name, (init, apply) in jax_parts(module, depth).items():
+        runs = {"jax": jax_timer(init, apply, jnp.asarray(x), jnp.asarray(cotangent))}
+        if name in torch_twins:
+            runs["torch"] = torch_timer(torch_twins[name], x, cotangent)
+        samples = {side: [] for side in runs}
+        for _ in range(_REPEATS.value):
+            for side, run in runs.items():
+                time_calls(run, samples[side])
+        jax_ms = statistics.median(samples["jax"])
+        if "torch" in samples:
+            torch_ms = statistics.median(samples["torch"])
+            print(f"{name:<11}{jax_ms:9.2f}{torch_ms:10.2f}{torch_ms / jax_ms:7.2f}", flush=True)
+        else:
+            print(f"{name:<11}{jax_ms:9.2f}{'-':>10}{'-':>7}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
