@@ -35,7 +35,7 @@ Args (comma-separated after the file name):
                     Test accuracy with seed 0, on 2 CPU cores shared with other jobs: tiny CLIP
                     with its frozen zero-shot head 0.388 (zero-shot 0.133), ``demo,baseline``
                     (8 input-independent tokens) 0.245; tiny ViT with a linear head
-                    (demo,backbone=vit_b32) 0.914, its baseline 0.811 (benchmarks/transfer.py)
+                    (demo,backbone=vit_b32) 0.878, its baseline 0.785 (benchmarks/transfer.py)
 
 Recipe from the official code: SGD momentum 0.9, no weight decay, lr 0.1 for the PGN and the
 head, 100 epochs, linear warmup (50 epochs, the training scripts' default) then cosine to lr/100,
