@@ -33,8 +33,8 @@ Args (comma-separated after the file name):
                     tiny CLIP by default, the tiny ViT with backbone=vit_*), adapted to
                     jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
                     Test accuracy with seed 0, on 2 CPU cores shared with other jobs: tiny CLIP
-                    with its frozen zero-shot head 0.388 (zero-shot 0.133), ``demo,baseline``
-                    (8 input-independent tokens) 0.245; tiny ViT with a linear head
+                    with its frozen zero-shot head 0.267 (zero-shot 0.130), ``demo,baseline``
+                    (8 input-independent tokens) 0.171; tiny ViT with a linear head
                     (demo,backbone=vit_b32) 0.878, its baseline 0.785 (benchmarks/transfer.py)
 
 Recipe from the official code: SGD momentum 0.9, no weight decay, lr 0.1 for the PGN and the

@@ -22,10 +22,10 @@ Args (comma-separated after the file name):
   demo            offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes, adapted
                   to jprompt_shapes/colors at 32px (8 classes, chance 0.125) in under a minute
                   on 2 CPU cores, printing the test accuracy (seed 0). The tiny CLIP (default)
-                  with its frozen zero-shot head: 0.50 with an 8px frame (zero-shot 0.133). The
-                  tiny ViT (demo,backbone=vit_b16) with a linear head: 0.84 with a 4px frame
-                  (its linear probe demo reaches 0.71; prompter=fixed_patch 0.74,
-                  prompter=random_patch 0.71)
+                  with its frozen zero-shot head: 0.318 with an 8px frame (zero-shot 0.130).
+                  The tiny ViT (demo,backbone=vit_b16) with a linear head: 0.762 with a 4px
+                  frame (its linear probe demo reaches 0.709; prompter=fixed_patch 0.722,
+                  prompter=random_patch 0.705)
 
 Recipe from the paper's code: SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs,
 1000 warmup steps, cosine decay per step. The linear head trained next to the prompt (see
