@@ -92,20 +92,8 @@ def torch_parts(module, depth: int) -> dict:
     import torch
     import torch_reference
 
-    activation = (
-        torch_reference.quick_gelu
-        if module.activation == "quick_gelu"
-        else torch_reference.tanh_gelu
-    )
-
     def new_block():
-        return torch_reference.Block(
-            module.hidden_size,
-            module.num_heads,
-            module.mlp_dim,
-            module.layernorm_epsilon,
-            activation,
-        ).requires_grad_(False)
+        return torch_reference.block_like(module).requires_grad_(False)
 
     block = new_block()
     return {
@@ -152,8 +140,9 @@ def main(argv):
     )
     print(f"{'part':<11}{'jax_ms':>9}{'torch_ms':>10}{'ratio':>7}")
     torch_twins = torch_parts(module, depth) if _TORCH.value else {}
+    on_device = jnp.asarray(x), jnp.asarray(cotangent)
     for name, (init, apply) in jax_parts(module, depth).items():
-        runs = {"jax": jax_timer(init, apply, jnp.asarray(x), jnp.asarray(cotangent))}
+        runs = {"jax": jax_timer(init, apply, *on_device)}
         if name in torch_twins:
             runs["torch"] = torch_timer(torch_twins[name], x, cotangent)
         samples = {side: [] for side in runs}

@@ -71,22 +71,27 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def block_like(module) -> Block:
+    """A ``Block`` with the widths, heads, LayerNorm eps and activation of the jprompt
+    ``VisionTransformer`` ``module``'s encoder blocks."""
+    activation = quick_gelu if module.activation == "quick_gelu" else tanh_gelu
+    return Block(
+        module.hidden_size, module.num_heads, module.mlp_dim, module.layernorm_epsilon, activation
+    )
+
+
 class ViT(nn.Module):
     """The torch twin of a jprompt ``VisionTransformer`` (class-token pooling only)."""
 
     def __init__(self, module, image_size: int):
         super().__init__()
         dim, patch = module.hidden_size, module.patch_size
-        activation = quick_gelu if module.activation == "quick_gelu" else tanh_gelu
         eps = module.layernorm_epsilon
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch, bias=module.patch_bias)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + (image_size // patch) ** 2, dim))
         self.pre_norm = nn.LayerNorm(dim, eps=eps) if module.pre_norm else nn.Identity()
-        self.blocks = nn.ModuleList(
-            Block(dim, module.num_heads, module.mlp_dim, eps, activation)
-            for _ in range(module.depth)
-        )
+        self.blocks = nn.ModuleList(block_like(module) for _ in range(module.depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
         proj = module.projection_dim
         self.proj = nn.Linear(dim, proj, bias=False) if proj else nn.Identity()

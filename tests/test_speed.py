@@ -202,7 +202,7 @@ def test_block_speed_benchmark_smoke():
     for name, (jax_ms, torch_ms, ratio) in rows.items():
         assert float(jax_ms) > 0, name
         if torch_ms != "-":
-            # From the unrounded times: the printed ones carry two decimals.
+            # Recomputed from the printed times, which are rounded to two decimals.
             expected = float(torch_ms) / float(jax_ms)
             assert float(ratio) == pytest.approx(expected, rel=0.05, abs=0.01)
     assert "stack of 2 blocks" in result.stdout  # the tiny ViT's depth
