@@ -18,9 +18,12 @@ as the trainer does; random weights, a linear head on 100 classes) and reports:
   aliased to donated inputs), on every platform; on GPU also ``device_peak_MiB``, the allocator's
   ``peak_bytes_in_use`` (cumulative over the process, so rows should run smallest first);
 - with torch importable (``--torch``), the same workload on ``torch_reference`` (its docstring
-  says exactly what runs) and ``ratio`` = jprompt img/s / torch img/s. JAX and torch repeats
-  alternate (``--repeats`` rounds of ``--steps`` steps each) and each side takes the median over
-  all its steps, so a shared, noisy machine slows both alike.
+  says exactly what runs), side by side: JAX and torch alternate in ``--repeats`` rounds of
+  ``--steps`` steps each. ``torch img/s`` is the median over all torch steps; ``ratio`` is
+  jprompt / torch speed paired by round (torch's median step time over JAX's in the same round),
+  the median over rounds, and ``ratio_range`` the lowest and highest round. Pairing by round
+  cancels the drift of a shared machine's speed, which moves both sides alike but can move by
+  20% within a minute.
 
     python benchmarks/step_speed.py --methods=vp,vpt_deep --backbones=vit_ti16,vit_b16 \
         --batch_sizes=16 --json=/tmp/step_speed.json
@@ -92,10 +95,15 @@ class Row:
     mem_mib: float
     device_peak_mib: float | None = None
     torch_img_s: float | None = None
+    round_ratios: list[float] | None = None  # jprompt / torch speed in each round
 
     @property
     def ratio(self) -> float | None:
-        return self.img_s / self.torch_img_s if self.torch_img_s else None
+        return statistics.median(self.round_ratios) if self.round_ratios else None
+
+    @property
+    def ratio_range(self) -> tuple[float, float] | None:
+        return (min(self.round_ratios), max(self.round_ratios)) if self.round_ratios else None
 
 
 def timed(fn, sync) -> float:
@@ -219,12 +227,15 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
         jax.block_until_ready(run())
         if torch_step:
             torch_step[1](torch_step[0]())
-    jax_times, torch_times, matmul_times = [], [], []
+    jax_times, torch_times, matmul_times, round_ratios = [], [], [], []
     for _ in range(_REPEATS.value):
         matmul_times += [timed(matmul[0], jax.block_until_ready) for _ in range(3)]
-        jax_times += [timed(run, jax.block_until_ready) for _ in range(_STEPS.value)]
+        jax_round = [timed(run, jax.block_until_ready) for _ in range(_STEPS.value)]
+        jax_times += jax_round
         if torch_step:
-            torch_times += [timed(*torch_step) for _ in range(_STEPS.value)]
+            torch_round = [timed(*torch_step) for _ in range(_STEPS.value)]
+            torch_times += torch_round
+            round_ratios.append(statistics.median(torch_round) / statistics.median(jax_round))
     seconds = statistics.median(jax_times)
     peak = matmul[1] / statistics.median(matmul_times)
     flops = model_flops(module, method, batch, _IMAGE_SIZE.value)
@@ -242,20 +253,23 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
         mem_mib=mem_mib,
         device_peak_mib=device_peak / MIB if device_peak else None,
         torch_img_s=batch / statistics.median(torch_times) if torch_times else None,
+        round_ratios=round_ratios or None,
     )
 
 
 def table(rows: list[Row]) -> str:
     head = (
         f"{'method':<13}{'backbone':<11}{'batch':>6}{'img/s':>9}{'torch':>9}{'ratio':>7}"
-        f"{'compile_s':>10}{'peak%':>7}{'GFLOP/s':>9}{'mem_MiB':>9}"
+        f"{'ratio_range':>13}{'compile_s':>10}{'peak%':>7}{'GFLOP/s':>9}{'mem_MiB':>9}"
     )
     lines = [head]
     for r in rows:
         torch_col = f"{r.torch_img_s:9.2f}" if r.torch_img_s else f"{'-':>9}"
         ratio = f"{r.ratio:7.2f}" if r.ratio else f"{'-':>7}"
+        spread = "{:.2f}-{:.2f}".format(*r.ratio_range) if r.ratio_range else "-"
         lines.append(
             f"{r.method:<13}{r.backbone:<11}{r.batch:>6}{r.img_s:9.2f}{torch_col}{ratio}"
+            f"{spread:>13}"
             f"{r.compile_s:10.1f}{100 * r.peak_frac:7.1f}{r.peak_flops / 1e9:9.1f}{r.mem_mib:9.0f}"
         )
     return "\n".join(lines)
@@ -290,7 +304,10 @@ def main(argv):
                     "dtype": _DTYPE.value,
                     "param_dtype": _PARAM_DTYPE.value,
                     "remat": _REMAT.value,
-                    "rows": [dataclasses.asdict(r) | {"ratio": r.ratio} for r in rows],
+                    "rows": [
+                        dataclasses.asdict(r) | {"ratio": r.ratio, "ratio_range": r.ratio_range}
+                        for r in rows
+                    ],
                 },
                 f,
                 indent=2,

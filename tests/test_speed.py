@@ -181,7 +181,10 @@ def test_step_speed_harness_smoke(tmp_path):
     assert row["img_s"] > 0 and row["compile_s"] > 0 and row["mem_mib"] > 0
     assert row["peak_frac"] > 0 and row["peak_flops"] > 0
     if row["torch_img_s"] is not None:
-        assert row["ratio"] == pytest.approx(row["img_s"] / row["torch_img_s"])
+        # One round of one step each: the paired ratio is the ratio of the two speeds.
+        assert row["round_ratios"] == [pytest.approx(row["img_s"] / row["torch_img_s"])]
+        assert row["ratio"] == row["round_ratios"][0]
+        assert row["ratio_range"] == [row["ratio"], row["ratio"]]
     assert "vpt_deep" in result.stdout
 
 
