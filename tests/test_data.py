@@ -94,6 +94,29 @@ def test_synthetic_preparation_is_offline_and_deterministic(shapes_dir, tmp_path
     assert not np.array_equal(synthetic.draw_example("shapes", "test", 7)[0], image)
 
 
+# sha256 of the first 4 examples of every config and split, per JpromptShapes.VERSION. tfds
+# reuses a dataset prepared under the same version, so a generator change that kept the
+# version would leave prepared machines training on the old images while fresh ones train on
+# the new: it happened once (README, "Transfer table"). The digest was the same with numpy's
+# AVX-512 and AVX2 paths switched off (NPY_DISABLE_CPU_FEATURES).
+GENERATOR_DIGESTS = {"1.0.0": "e42671240f6c6be84c83427ee290c2c4927bb0f2ed2a09fe4307311b396ff845"}
+
+
+def test_generator_output_is_pinned_to_the_dataset_version():
+    digest = hashlib.sha256()
+    for config in synthetic.TASKS:
+        for split in synthetic.SPLIT_SIZES:
+            for index in range(4):
+                image, label = synthetic.draw_example(config, split, index)
+                digest.update(image.tobytes())
+                digest.update(bytes([label]))
+    version = str(synthetic.JpromptShapes.VERSION)
+    assert digest.hexdigest() == GENERATOR_DIGESTS.get(version), (
+        f"jprompt_shapes draws different images than version {version} did: bump "
+        "JpromptShapes.VERSION (and RELEASE_NOTES), then pin the new digest here"
+    )
+
+
 def test_shapes_learnable_but_not_from_raw_pixels(shapes_dir):
     """Shape kind is learnable from translation-invariant statistics, not from colour/position.
 
