@@ -11,7 +11,8 @@ Args (comma-separated after the file name):
                   "A photo of a {}")
   demo            offline: the shipped tiny CLIP on jprompt_shapes/colors, whose colours it was
                   never trained on (its source task is shapes), so it sits near chance (0.125):
-                  the starting point the CLIP demos of the prompt methods improve on
+                  the starting point the CLIP demos of the prompt methods improve on;
+                  demo,dataset=jprompt_shapes/shapes evaluates it on its source task instead
 
 The run evaluates the validation and test splits once (``num_epochs=0``) and writes
 results.json like any other run.

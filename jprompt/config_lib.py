@@ -44,6 +44,7 @@ DEMO_BACKBONE = "vit_tiny4"
 DEMO_CLIP_BACKBONE = "clip_tiny4"
 DEMO_IMAGE_SIZE = 32
 DEMO_DATASET = "jprompt_shapes/colors"
+OFFLINE_DATASET_PREFIX = "jprompt_shapes/"  # ``demo,dataset=jprompt_shapes/count`` keeps its task
 _ASSETS = importlib.resources.files("jprompt") / "assets"
 DEMO_CHECKPOINTS = {
     DEMO_BACKBONE: str(_ASSETS / "vit_tiny4_shapes.npz"),
@@ -204,11 +205,12 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
 
 def config_for_args(args: ConfigDict) -> ConfigDict:
     """``base_config`` for parsed ``backbone``/``dataset``/``demo`` (and optional ``head``) args;
-    ``demo`` swaps in the offline demo's dataset and tiny backbone (CLIP for a CLIP
-    ``backbone=``, else ViT)."""
+    ``demo`` swaps in the tiny backbone (CLIP for a CLIP ``backbone=``, else ViT) and the offline
+    demo's dataset, unless ``dataset=`` names another offline ``jprompt_shapes`` task."""
     if args.demo:
         args.backbone = DEMO_CLIP_BACKBONE if is_clip(args.backbone) else DEMO_BACKBONE
-        args.dataset = DEMO_DATASET
+        if not args.dataset.startswith(OFFLINE_DATASET_PREFIX):
+            args.dataset = DEMO_DATASET
     config = base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
     if args.get("head"):
         config.head.name = args.head

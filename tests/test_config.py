@@ -72,7 +72,13 @@ DOCUMENTED_ARGS = {
     "linear_probe.py": ["", "demo", "backbone=vit_s16", "dataset=cifar10", "backbone=clip_b32"],
     "finetune.py": ["", "demo", "backbone=vit_ti16", "dataset=cifar10", "backbone=clip_b32"],
     "pretrain_tiny.py": ["", "epochs=3", "backbone=clip_tiny4"],
-    "zeroshot.py": ["", "demo", "backbone=clip_l14", "dataset=cifar10"],
+    "zeroshot.py": [
+        "",
+        "demo",
+        "demo,dataset=jprompt_shapes/shapes",
+        "backbone=clip_l14",
+        "dataset=cifar10",
+    ],
 }
 
 
@@ -141,6 +147,15 @@ def test_parse_arg_types_and_errors():
         config_lib.parse_arg("backbon=vit_s16", backbone="x")
     with pytest.raises(ValueError, match="expects true/false"):
         config_lib.parse_arg("demo=maybe", demo=False)
+
+
+def test_demo_keeps_an_offline_task_given_as_dataset():
+    config = config_lib.load("configs/zeroshot.py:demo,dataset=jprompt_shapes/shapes")
+    assert config.backbone.name == config_lib.DEMO_CLIP_BACKBONE
+    assert (config.dataset.name, config.dataset.num_classes) == ("jprompt_shapes/shapes", 10)
+    # Without one, or with a dataset that needs a download, the demo runs on its own task.
+    for arg in ("demo", "demo,dataset=cifar10"):
+        assert config_lib.load(f"configs/vp.py:{arg}").dataset.name == config_lib.DEMO_DATASET
 
 
 def test_unknown_method_and_option_fail_listing_choices():
