@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
-from jprompt.data import presets
+from jprompt.data import presets, synthetic
 
 # Published checkpoints: the ImageNet-21k runs of "How to train your ViT?" (Steiner et al. 2021)
 # that its authors recommend for transfer (also big_vision's "howto-i21k" list). Point
@@ -44,7 +44,6 @@ DEMO_BACKBONE = "vit_tiny4"
 DEMO_CLIP_BACKBONE = "clip_tiny4"
 DEMO_IMAGE_SIZE = 32
 DEMO_DATASET = "jprompt_shapes/colors"
-OFFLINE_DATASET_PREFIX = "jprompt_shapes/"  # ``demo,dataset=jprompt_shapes/count`` keeps its task
 _ASSETS = importlib.resources.files("jprompt") / "assets"
 DEMO_CHECKPOINTS = {
     DEMO_BACKBONE: str(_ASSETS / "vit_tiny4_shapes.npz"),
@@ -209,7 +208,7 @@ def config_for_args(args: ConfigDict) -> ConfigDict:
     demo's dataset, unless ``dataset=`` names another offline ``jprompt_shapes`` task."""
     if args.demo:
         args.backbone = DEMO_CLIP_BACKBONE if is_clip(args.backbone) else DEMO_BACKBONE
-        if not args.dataset.startswith(OFFLINE_DATASET_PREFIX):
+        if not args.dataset.startswith(f"{synthetic.JpromptShapes.name}/"):
             args.dataset = DEMO_DATASET
     config = base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
     if args.get("head"):
