@@ -401,52 +401,76 @@ def test_deep_prompts_overwrite_previous_layer_outputs(images, position):
     x1, _ = io["encoderblock_1"]
     np.testing.assert_array_equal(x0[:, at], deep[0])
     np.testing.assert_array_equal(x1[:, at], deep[1])  # overwritten, not added
+    # Layer 0's outputs at the prompt positions would be thrown away, so it computes none there;
+    # everything else is carried over.
+    assert y0.shape == (B, 1 + NUM_PATCHES, D)
     rest = np.ones(x1.shape[1], bool)
     rest[at] = False
-    np.testing.assert_array_equal(x1[:, rest], y0[:, rest])  # everything else carried over
-
-    # Layer 0's outputs at the prompt positions are thrown away: perturbing them changes nothing,
-    # perturbing a patch output does. (Random noise: a constant shift would vanish in LayerNorm.)
-    def perturb(positions):
-        def interceptor(next_fun, args, kw, context):
-            y = next_fun(*args, **kw)
-            if context.module.name == "encoderblock_0" and context.method_name == "__call__":
-                noise = 3.0 * _prompts(9, y[:, positions].shape)
-                y = y.at[:, positions].add(noise)
-            return y
-
-        with nn.intercept_methods(interceptor):
-            return model.apply(
-                {"params": params}, images, deep_prompts=deep, prompt_position=position
-            )[0]
-
-    np.testing.assert_array_equal(perturb(at), logits)
-    patch_index = 1 + P if position == "after_cls" else 1
-    assert np.abs(np.asarray(perturb(patch_index) - logits)).max() > 1e-3
+    np.testing.assert_array_equal(x1[:, rest], y0)
 
     changed = deep.at[1].set(_prompts(5, (B, P, D)))
     other = model.apply({"params": params}, images, deep_prompts=changed, prompt_position=position)
     assert np.abs(np.asarray(other[0] - logits)).max() > 1e-3
 
 
-def test_deep_prompts_equal_manual_loop_over_the_modules_blocks(images):
-    model, params = _tiny("tok")
-    deep = _prompts(4, (DEPTH, B, P, D))
-    logits, out = model.apply({"params": params}, images, deep_prompts=deep)
+def _every_row_forward(model, params, images, deep=None):
+    """``(logits, encoded)`` of the tiny "tok" ViT as the official VPT code runs it, from the
+    module's own blocks: every block computes every row, the deep prompts overwrite theirs."""
     posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
     cls = jnp.tile(params["cls"], (B, 1, 1))
     x = jnp.concatenate([cls, _embedded(params, images)], axis=1) + posemb
-    x = jnp.concatenate([x[:, :1], deep[0], x[:, 1:]], axis=1)
+    if deep is not None:
+        x = jnp.concatenate([x[:, :1], deep[0], x[:, 1:]], axis=1)
     block = vit.Encoder1DBlock(mlp_dim=model.mlp_dim, num_heads=model.num_heads)
     for i in range(DEPTH):
-        if i:
+        if i and deep is not None:
             x = x.at[:, 1 : 1 + P].set(deep[i])
         p = params["Transformer"][f"encoderblock_{i}"]
         x = block.apply({"params": p}, x, deterministic=True)
     norm = nn.LayerNorm(epsilon=1e-6).apply({"params": params["Transformer"]["encoder_norm"]}, x)
-    np.testing.assert_allclose(out["encoded"], norm, atol=1e-5)
     head = params["head"]
-    np.testing.assert_allclose(logits, norm[:, 0] @ head["kernel"] + head["bias"], atol=1e-5)
+    return norm[:, 0] @ head["kernel"] + head["bias"], norm
+
+
+def test_deep_prompts_equal_manual_loop_over_the_modules_blocks(images):
+    model, params = _tiny("tok")
+    deep = _prompts(4, (DEPTH, B, P, D))
+    logits, out = model.apply({"params": params}, images, deep_prompts=deep)
+    expected_logits, expected_encoded = _every_row_forward(model, params, images, deep)
+    np.testing.assert_allclose(out["encoded"], expected_encoded, atol=1e-5)
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompted", [False, True])
+def test_skipping_discarded_rows_keeps_the_gradients(images, prompted):
+    # The model computes no outputs where they are discarded (deep prompt rows before their
+    # overwrite, all but the CLS row in the last block); the gradients a prompt gets, through
+    # the tokens or through the pixels (VP), are those of computing every row.
+    model, params = _tiny("tok")
+    deep = _prompts(4, (DEPTH, B, P, D)) if prompted else None
+
+    def loss(forward, deep, images):
+        return jnp.sum(jnp.sin(3.0 * forward(deep, images)))
+
+    def skipping(deep, images):
+        return model.apply({"params": params}, images, deep_prompts=deep)[0]
+
+    def every_row(deep, images):
+        return _every_row_forward(model, params, images, deep)[0]
+
+    grads = jax.grad(loss, argnums=(1, 2))(skipping, deep, images)
+    expected = jax.grad(loss, argnums=(1, 2))(every_row, deep, images)
+    for got, want in zip(grads, expected, strict=True):
+        if want is not None:
+            assert np.abs(want).max() > 1e-3  # not a comparison of near-zeros
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+    # What it skips: a compiled gradient step does less work than computing every row.
+    def flops(forward):
+        step = jax.jit(jax.grad(loss, argnums=2), static_argnums=0)
+        return step.lower(forward, deep, images).compile().cost_analysis()["flops"]
+
+    assert flops(skipping) < 0.9 * flops(every_row)
 
 
 @pytest.mark.parametrize("position", ["after_cls", "end"])
@@ -526,6 +550,26 @@ def test_attention_is_jax_dot_product_attention(causal):
     expected = jnp.einsum("bthk,hkd->btd", y, params["out"]["kernel"]) + params["out"]["bias"]
     got = attention.apply({"params": params}, x, deterministic=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_query_rows_are_those_rows_of_the_full_attention(causal):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
+    attention = vit.MultiHeadDotProductAttention(num_heads=4, causal=causal)
+    params = attention.init(jax.random.PRNGKey(1), x, deterministic=True)["params"]
+    full = attention.apply({"params": params}, x, deterministic=True)
+    rows = ((0, 2), (4, 7))
+    some = attention.apply({"params": params}, x, deterministic=True, query_rows=rows)
+    np.testing.assert_allclose(some, full[:, [0, 1, 4, 5, 6]], atol=1e-6)
+
+
+def test_rows_without_and_take_rows():
+    assert vit.rows_without(10, 1, 3) == ((0, 1), (4, 10))
+    assert vit.rows_without(10, 0, 3) == ((3, 10),)
+    assert vit.rows_without(10, 7, 3) == ((0, 7),)
+    x = jnp.arange(10)[None]
+    np.testing.assert_array_equal(vit.take_rows(x, ((0, 1), (4, 10))), [[0, 4, 5, 6, 7, 8, 9]])
+    assert vit.take_rows(x, None) is x
 
 
 def test_attention_params_are_flax_dense_general_ones():

@@ -121,7 +121,7 @@ class TextTransformer(nn.Module):
             embedding_init=nn.initializers.normal(stddev=0.02),
             name="token_embedding",
         )(token_ids).astype(self.dtype)
-        x = vit.Encoder(
+        x, _ = vit.Encoder(
             depth=self.depth,
             mlp_dim=4 * self.width,
             num_heads=self.num_heads,

@@ -24,7 +24,8 @@ checkpoint (the frozen backbone) and prompt methods keep their own trainable tre
   start with pool="gap"), as VPT does; ``"end"`` appends them after the last patch, as PGN does.
 - ``deep_prompts`` (depth, B, p, D): VPT-deep. ``deep_prompts[0]`` is inserted like
   ``prompt_tokens``; before each layer i >= 1 the p prompt positions are overwritten with
-  ``deep_prompts[i]``, discarding the previous layer's outputs there.
+  ``deep_prompts[i]``, discarding the previous layer's outputs there (so they are never
+  computed: those rows give that layer keys and values only).
 """
 
 import math
@@ -60,6 +61,22 @@ NAMES: tuple[str, ...] = tuple(
 POOLS = ("tok", "gap")
 PROMPT_POSITIONS = ("after_cls", "end")
 LAYERNORM_EPS = 1e-6  # vit_jax / big_vision; CLIP uses PyTorch's default 1e-5
+
+
+# Sequence rows as static ``(start, stop)`` spans, e.g. ``((0, 1),)`` for the CLS token.
+Rows = tuple[tuple[int, int], ...]
+
+
+def rows_without(length: int, start: int, count: int) -> Rows:
+    """The rows of a ``length``-row sequence outside ``[start, start + count)``."""
+    return tuple(span for span in ((0, start), (start + count, length)) if span[0] < span[1])
+
+
+def take_rows(x, rows: Rows | None):
+    """``x[:, rows]`` for ``(B, T, ...)`` arrays; all of ``x`` for ``rows=None``."""
+    if rows is None:
+        return x
+    return jnp.concatenate([x[:, start:stop] for start, stop in rows], axis=1)
 
 
 def quick_gelu(x):
@@ -150,6 +167,7 @@ class MultiHeadDotProductAttention(nn.Module):
     (its P @ V became a transposed batched matmul; README, "Training-step speed"). The explicit
     weights also take the attention dropout.
     ``causal`` lets each token attend only to itself and earlier tokens (CLIP's text tower).
+    ``query_rows`` (static spans) computes the outputs of those rows alone: ``(B, rows, D)``.
     """
 
     num_heads: int
@@ -158,30 +176,41 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool):
+    def __call__(self, x, *, deterministic: bool, query_rows: Rows | None = None):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by {self.num_heads} heads")
         head_dim = width // self.num_heads
         heads = (self.num_heads, head_dim)
-        # One (D, 3 H D/H) matmul instead of three narrow ones keeps the matmul units busier;
-        # the parameters stay the checkpoint's three.
         projections = [
             _ProjectionParams((width,), heads, name=name)() for name in ("query", "key", "value")
         ]
         # The 1/sqrt(D/H) logit scale is folded into the query projection: a scale of the
         # (B, H, T, T) logits costs a pass over them (and XLA:CPU materialised its broadcast).
         scale = jnp.array([1 / math.sqrt(head_dim), 1, 1])[:, None, None]
-        kernel = jnp.stack([kernel for kernel, _ in projections], axis=1) * scale
-        bias = jnp.stack([bias for _, bias in projections]) * scale
-        qkv = jnp.einsum("btd,dchk->cbhtk", x.astype(self.dtype), kernel.astype(self.dtype))
-        q, k, v = qkv + bias[:, None, :, None, :].astype(self.dtype)  # (B, H, T, D/H) each
+        kernel = (jnp.stack([kernel for kernel, _ in projections], axis=1) * scale).astype(
+            self.dtype
+        )
+        bias = (jnp.stack([bias for _, bias in projections]) * scale).astype(self.dtype)
+
+        def project(tokens, which: slice):  # -> (len(which), B, H, T, D/H)
+            y = jnp.einsum("btd,dchk->cbhtk", tokens.astype(self.dtype), kernel[:, which])
+            return y + bias[which, None, :, None, :]
+
+        # One (D, 3 H D/H) matmul instead of three narrow ones keeps the matmul units busier;
+        # the parameters stay the checkpoint's three. With ``query_rows`` only those rows get
+        # queries, and so outputs; every row still gives keys and values.
+        if query_rows is None:
+            q, k, v = project(x, slice(0, 3))  # (B, H, T, D/H) each
+        else:
+            (q,), (k, v) = project(take_rows(x, query_rows), slice(0, 1)), project(x, slice(1, 3))
 
         # float32 logits whatever the compute dtype, as jax.nn.dot_product_attention's.
         logits = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
         if self.causal:
-            length = x.shape[1]
-            mask = jnp.tril(jnp.ones((length, length), bool))
+            positions = jnp.arange(x.shape[1])
+            asking = positions if query_rows is None else take_rows(positions[None], query_rows)[0]
+            mask = asking[:, None] >= positions[None, :]
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
@@ -193,7 +222,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)); with
+    ``query_rows`` the outputs of those rows alone (all rows still give keys and values)."""
 
     mlp_dim: int
     num_heads: int
@@ -205,7 +235,8 @@ class Encoder1DBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):  # positional too: nn.remat's static argument
+    def __call__(self, x, deterministic: bool, query_rows: Rows | None = None):
+        # positional arguments too: nn.remat's static arguments
         norm = dict(epsilon=self.layernorm_epsilon, dtype=self.dtype)
         y = nn.LayerNorm(name="LayerNorm_0", **norm)(x)
         y = MultiHeadDotProductAttention(
@@ -214,9 +245,9 @@ class Encoder1DBlock(nn.Module):
             causal=self.causal,
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_0",
-        )(y, deterministic=deterministic)
+        )(y, deterministic=deterministic, query_rows=query_rows)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-        x = x + y
+        x = take_rows(x, query_rows) + y
 
         y = nn.LayerNorm(name="LayerNorm_1", **norm)(x)
         y = MlpBlock(
@@ -277,6 +308,11 @@ class Encoder(nn.Module):
     that prompt tokens are normalized with the rest of the sequence, as the PGN code does on CLIP.
     ``remat`` rematerialises every block in the backward pass (``nn.remat``), trading about one
     extra forward pass for the activation memory of all but one block.
+
+    Returns ``(encoded, readout)``: the whole (B, T, D) sequence after ``encoder_norm``, and the
+    ``readout_rows`` of it (all of it for ``None``): the rows a pooled head reads, which the last
+    block then computes on their own (below). Work whose result is discarded is skipped: with
+    deep prompts no layer but the last computes outputs at the prompt positions.
     """
 
     depth: int
@@ -292,7 +328,16 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, prompts=None, deep_prompts=None, prompt_start: int = 0, train: bool):
+    def __call__(
+        self,
+        x,
+        *,
+        prompts=None,
+        deep_prompts=None,
+        prompt_start: int = 0,
+        readout_rows: Rows | None = None,
+        train: bool,
+    ):
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
@@ -306,30 +351,43 @@ class Encoder(nn.Module):
 
         # With remat each block keeps only its input for the backward pass and recomputes the
         # rest there: about one more forward pass of compute for activation memory of one block.
-        block = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
-        for i in range(self.depth):
-            if deep_prompts is not None and i > 0:
-                x = _overwrite(x, deep_prompts[i].astype(x.dtype), prompt_start)
-            x = block(
-                mlp_dim=self.mlp_dim,
-                num_heads=self.num_heads,
-                dropout_rate=self.dropout_rate,
-                attention_dropout_rate=self.attention_dropout_rate,
-                layernorm_epsilon=self.layernorm_epsilon,
-                activation=self.activation,
-                causal=self.causal,
-                dtype=self.dtype,
-                name=f"encoderblock_{i}",
-            )(x, not train)
-        return nn.LayerNorm(name="encoder_norm", **norm)(x)
+        block = nn.remat(Encoder1DBlock, static_argnums=(2, 3)) if self.remat else Encoder1DBlock
+        for i in range(self.depth - 1):
+            # The next layer overwrites the deep prompts' positions, so this one needs no
+            # outputs there: those rows only give keys and values.
+            kept = None
+            if deep_prompts is not None:
+                kept = rows_without(x.shape[1], prompt_start, deep_prompts.shape[2])
+            x = self._block(block, i)(x, not train, kept)
+            if deep_prompts is not None:
+                x = _insert(x, deep_prompts[i + 1].astype(x.dtype), prompt_start)
+
+        # Both calls share the last block's parameters. A caller that reads only ``readout``
+        # (a loss on the pooled feature) leaves ``encoded``'s last block unused, and XLA drops
+        # it: the last block then computes outputs for the readout rows alone.
+        last = self._block(block, self.depth - 1)
+        encoder_norm = nn.LayerNorm(name="encoder_norm", **norm)
+        encoded = encoder_norm(last(x, not train))
+        if readout_rows in (None, ((0, x.shape[1]),)):
+            return encoded, encoded
+        return encoded, encoder_norm(last(x, not train, readout_rows))
+
+    def _block(self, block: type[nn.Module], index: int) -> nn.Module:
+        return block(
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            layernorm_epsilon=self.layernorm_epsilon,
+            activation=self.activation,
+            causal=self.causal,
+            dtype=self.dtype,
+            name=f"encoderblock_{index}",
+        )
 
 
 def _insert(x, prompts, start: int):
     return jnp.concatenate([x[:, :start], prompts, x[:, start:]], axis=1)
-
-
-def _overwrite(x, prompts, start: int):
-    return jnp.concatenate([x[:, :start], prompts, x[:, start + prompts.shape[1] :]], axis=1)
 
 
 class VisionTransformer(nn.Module):
@@ -410,7 +468,14 @@ class VisionTransformer(nn.Module):
             num_cls = 1
         prompt_start = num_cls if prompt_position == "after_cls" else num_cls + num_patches
 
-        encoded = Encoder(
+        # The rows the pooling reads: the CLS token, or every patch token.
+        num_prompts = 0 if prompt_tokens is None else prompt_tokens.shape[1]
+        num_prompts = num_prompts if deep_prompts is None else deep_prompts.shape[2]
+        length = num_cls + num_prompts + num_patches
+        pooled_rows = (
+            ((0, 1),) if self.pool == "tok" else rows_without(length, prompt_start, num_prompts)
+        )
+        encoded, readout = Encoder(
             depth=self.depth,
             mlp_dim=self.mlp_dim,
             num_heads=self.num_heads,
@@ -427,17 +492,11 @@ class VisionTransformer(nn.Module):
             prompts=prompt_tokens,
             deep_prompts=deep_prompts,
             prompt_start=prompt_start,
+            readout_rows=pooled_rows,
             train=train,
         )
-
-        if self.pool == "tok":
-            pooled = encoded[:, 0]
-        else:  # mean over the patch tokens only: prompts are not part of the image
-            num_prompts = encoded.shape[1] - num_patches
-            patches = jnp.concatenate(
-                [encoded[:, :prompt_start], encoded[:, prompt_start + num_prompts :]], axis=1
-            )
-            pooled = patches.mean(axis=1)
+        # "gap" is the mean over the patch tokens only: prompts are not part of the image.
+        pooled = readout[:, 0] if self.pool == "tok" else readout.mean(axis=1)
 
         if self.representation_size is not None:
             pooled = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(pooled)
