@@ -13,12 +13,15 @@ as the trainer does; random weights, a linear head on 100 classes) and reports:
   times in every round of the row (median). Model FLOPs count the
   backbone's matmuls and patch convolution: the forward pass, plus the activation gradients
   (not weight gradients) wherever a gradient must flow back to the prompt; the PGN generator,
-  the head and elementwise work are not counted;
+  the head and elementwise work are not counted, nor are outputs whose result is discarded
+  (VPT-deep's prompt rows before their overwrite, all but the class token in the last block),
+  which jprompt skips;
 - ``mem_MiB``: from ``compiled.memory_analysis()`` (arguments + temporaries + outputs not
   aliased to donated inputs), on every platform; on GPU also ``device_peak_MiB``, the allocator's
   ``peak_bytes_in_use`` (cumulative over the process, so rows should run smallest first);
 - with torch importable (``--torch``), the same workload on ``torch_reference`` (its docstring
-  says exactly what runs), side by side: JAX and torch alternate in ``--repeats`` rounds of
+  says exactly what runs; ``--torch_skip_discarded_rows`` lets it skip the discarded outputs
+  too), side by side: JAX and torch alternate in ``--repeats`` rounds of
   ``--steps`` steps each. ``torch img/s`` is the median over all torch steps; ``ratio`` is
   jprompt / torch speed paired by round (torch's median step time over JAX's in the same round),
   the median over rounds, and ``ratio_range`` the lowest and highest round. Pairing by round
@@ -73,6 +76,12 @@ _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 _TORCH = flags.DEFINE_bool(
     "torch", importlib.util.find_spec("torch") is not None, "Run the PyTorch reference."
 )
+_TORCH_SKIP = flags.DEFINE_bool(
+    "torch_skip_discarded_rows",
+    False,
+    "Let the torch reference skip the outputs whose result is discarded, as jprompt does. By "
+    "default it computes them, as timm and the official VPT code do.",
+)
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory",
     True,
@@ -123,19 +132,28 @@ def matmul_timer(dtype: str):
 
 def model_flops(module, method: str, batch: int, image_size: int) -> float:
     """Backbone FLOPs of one step (module docstring): forward, plus activation gradients from
-    the first layer a prompt enters (the patch embedding for VP) up to the loss."""
+    the first layer a prompt enters (the patch embedding for VP) up to the loss, for the rows
+    whose outputs are read (class-token pooling)."""
     d, mlp, depth, patch = module.hidden_size, module.mlp_dim, module.depth, module.patch_size
     patches = (image_size // patch) ** 2
     extra = {"vpt": 10, "vpt_deep": 10, "pgn": 16}.get(method, 0)
     tokens = patches + 1 + extra
-    linear = 2 * tokens * (4 * d * d + 2 * d * mlp)  # q, k, v, out, and the MLP
-    attention = 2 * 2 * tokens * tokens * d  # scores and the weighted sum
+
+    def layer(rows: int) -> tuple[int, int]:
+        """(linear, attention) FLOPs of a block computing ``rows`` outputs."""
+        linear = 2 * (tokens * 2 * d * d + rows * (2 * d * d + 2 * d * mlp))  # k, v; q, out, MLP
+        attention = 2 * 2 * rows * tokens * d  # scores and the weighted sum
+        return linear, attention
+
+    inner_rows = tokens - extra if method == "vpt_deep" else tokens
+    layers = [layer(inner_rows)] * (depth - 1) + [layer(1)]
     embed = 2 * patches * patch * patch * 3 * d
-    forward = embed + depth * (linear + attention)
+    forward = embed + sum(linear + attention for linear, attention in layers)
     if method == "linear_probe":
         return batch * forward
     # Activation gradients: one matmul per linear layer, two per attention matmul.
-    backward = depth * (linear + 2 * attention) + (embed if method == "vp" else 0)
+    backward = sum(linear + 2 * attention for linear, attention in layers)
+    backward += embed if method == "vp" else 0
     return batch * (forward + backward)
 
 
@@ -210,6 +228,7 @@ def build_torch_step(module, method: str, batch: int):
         device=device,
         bfloat16=_DTYPE.value == "bfloat16",
         vp_prompt_size=vp_prompt_size(),
+        skip_discarded_rows=_TORCH_SKIP.value,
     )
 
     def sync(_):
@@ -286,7 +305,8 @@ def main(argv):
     device = jax.devices()[0]
     print(
         f"{device.device_kind} ({jax.default_backend()}), compute {_DTYPE.value}, "
-        f"param_dtype={_PARAM_DTYPE.value}, remat={_REMAT.value}"
+        f"param_dtype={_PARAM_DTYPE.value}, remat={_REMAT.value}, "
+        f"torch_skip_discarded_rows={_TORCH_SKIP.value}"
     )
     rows = []
     for name in _BACKBONES.value:
@@ -304,6 +324,7 @@ def main(argv):
                     "dtype": _DTYPE.value,
                     "param_dtype": _PARAM_DTYPE.value,
                     "remat": _REMAT.value,
+                    "torch_skip_discarded_rows": _TORCH_SKIP.value,
                     "rows": [
                         dataclasses.asdict(r) | {"ratio": r.ratio, "ratio_range": r.ratio_range}
                         for r in rows

@@ -55,19 +55,28 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(mlp_dim, dim)
         self.activation = activation
 
-    def attention(self, x):
-        """Multi-head self-attention, projections included (no LayerNorm, no residual)."""
+    def attention(self, x, rows=None):
+        """Multi-head self-attention, projections included (no LayerNorm, no residual); with
+        ``rows`` (an index into the sequence) the outputs of those rows alone."""
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
-        return self.proj(y)
+
+        def heads(y):  # (B, T, n D) -> (n, B, H, T, D/H)
+            return y.reshape(b, y.shape[1], -1, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+
+        if rows is None:
+            q, k, v = heads(self.qkv(x)).unbind(0)
+        else:  # queries for ``rows`` only; every row gives keys and values
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = heads(F.linear(x[:, rows], weight[:d], bias[:d]))[0]
+            k, v = heads(F.linear(x, weight[d:], bias[d:])).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return self.proj(y.reshape(b, q.shape[2], d))
 
     def mlp(self, x):
         return self.fc2(self.activation(self.fc1(x)))
 
-    def forward(self, x):
-        x = x + self.attention(self.norm1(x))
+    def forward(self, x, rows=None):
+        x = (x if rows is None else x[:, rows]) + self.attention(self.norm1(x), rows)
         return x + self.mlp(self.norm2(x))
 
 
@@ -81,10 +90,16 @@ def block_like(module) -> Block:
 
 
 class ViT(nn.Module):
-    """The torch twin of a jprompt ``VisionTransformer`` (class-token pooling only)."""
+    """The torch twin of a jprompt ``VisionTransformer`` (class-token pooling only).
 
-    def __init__(self, module, image_size: int):
+    By default every block computes every row, as timm and the official VPT code do.
+    ``skip_discarded_rows`` skips the outputs nothing reads, as jprompt does: VPT-deep's prompt
+    rows before the next layer overwrites them, and all but the class token in the last block.
+    """
+
+    def __init__(self, module, image_size: int, skip_discarded_rows: bool = False):
         super().__init__()
+        self.skip_discarded_rows = skip_discarded_rows
         dim, patch = module.hidden_size, module.patch_size
         eps = module.layernorm_epsilon
         self.patch_embed = nn.Conv2d(3, dim, patch, stride=patch, bias=module.patch_bias)
@@ -108,11 +123,20 @@ class ViT(nn.Module):
         if prompts is not None:
             x = torch.cat([x[:, :start], prompts, x[:, start:]], dim=1)
         x = self.pre_norm(x)
+        skip = self.skip_discarded_rows
         for i, block in enumerate(self.blocks):
+            rows = None
             if deep_prompts is not None and i > 0:
-                p = deep_prompts.shape[2]
-                x = torch.cat([x[:, :start], deep_prompts[i], x[:, start + p :]], dim=1)
-            x = block(x)
+                # Overwrite the prompt rows, or put them back where the last block skipped them.
+                end = start if skip else start + deep_prompts.shape[2]
+                x = torch.cat([x[:, :start], deep_prompts[i], x[:, end:]], dim=1)
+            if skip and i == len(self.blocks) - 1:
+                rows = slice(0, 1)
+            elif skip and deep_prompts is not None:
+                kept = torch.ones(x.shape[1], dtype=torch.bool)
+                kept[start : start + deep_prompts.shape[2]] = False
+                rows = kept.nonzero().squeeze(1).to(x.device)
+            x = block(x, rows)
         return self.proj(self.norm(x)[:, 0])
 
 
@@ -159,16 +183,17 @@ def make_step(
     device: str = "cpu",
     bfloat16: bool = False,
     vp_prompt_size: int = 30,
+    skip_discarded_rows: bool = False,
     seed: int = 0,
 ):
     """A no-argument function running one training step of ``method`` on the torch twin of the
     jprompt backbone ``module``; it returns the loss tensor. ``bfloat16`` runs the forward
-    under ``torch.autocast`` (parameters stay float32)."""
+    under ``torch.autocast`` (parameters stay float32); ``skip_discarded_rows``: see ``ViT``."""
     if method not in METHODS:
         raise ValueError(f"unknown torch reference method {method!r}; valid: {METHODS}")
     torch.manual_seed(seed)
     on = dict(device=device)
-    vit = ViT(module, image_size).eval().to(device)
+    vit = ViT(module, image_size, skip_discarded_rows).eval().to(device)
     for p in vit.parameters():
         p.requires_grad_(False)
     head = nn.Linear(vit.feature_dim, num_classes, **on)

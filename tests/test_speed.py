@@ -108,9 +108,10 @@ def test_remat_gives_the_same_loss_and_gradients():
     assert remat_backbone.module.remat and not backbone.module.remat
     loss, grads, _, _ = _loss_and_prompt_grads(backbone, params)
     remat_loss, remat_grads, remat_fn, p = _loss_and_prompt_grads(remat_backbone, remat_params)
-    # remat really is in the program: each block is a checkpointed region.
+    # remat really is in the program: each block is a checkpointed region, the last one twice
+    # (for the whole sequence, which XLA drops unread, and for the pooled row).
     jaxpr = str(jax.make_jaxpr(remat_fn)(p))
-    assert len(re.findall(r"\b(?:checkpoint|remat\d*)\[", jaxpr)) == backbone.module.depth
+    assert len(re.findall(r"\b(?:checkpoint|remat\d*)\[", jaxpr)) == backbone.module.depth + 1
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # recomputed in another order
@@ -186,6 +187,24 @@ def test_step_speed_harness_smoke(tmp_path):
         assert row["ratio"] == row["round_ratios"][0]
         assert row["ratio_range"] == [row["ratio"], row["ratio"]]
     assert "vpt_deep" in result.stdout
+
+
+def test_torch_reference_skipping_discarded_rows_changes_no_output():
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch_reference
+
+    module = _backbone()[0].module
+    torch.manual_seed(0)
+    every_row = torch_reference.ViT(module, IMAGE).eval()
+    skipping = torch_reference.ViT(module, IMAGE, skip_discarded_rows=True).eval()
+    skipping.load_state_dict(every_row.state_dict())
+    images = torch.randn(BATCH, 3, IMAGE, IMAGE)
+    tokens = torch.randn(module.depth, BATCH, 3, module.hidden_size)
+    for kwargs in ({}, {"deep_prompts": tokens}, {"prompts": tokens[0], "at_end": True}):
+        expected = every_row(images, **kwargs)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(skipping(images, **kwargs), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_block_speed_benchmark_smoke():

@@ -367,7 +367,7 @@ class Encoder(nn.Module):
         # it: the last block then computes outputs for the readout rows alone.
         last = self._block(block, self.depth - 1)
         encoder_norm = nn.LayerNorm(name="encoder_norm", **norm)
-        encoded = encoder_norm(last(x, not train))
+        encoded = encoder_norm(last(x, not train, None))  # nn.remat: every argument positional
         if readout_rows in (None, ((0, x.shape[1]),)):
             return encoded, encoded
         return encoded, encoder_norm(last(x, not train, readout_rows))
