@@ -68,7 +68,8 @@ def test_vp_adds_the_prompt_in_normalized_space_before_the_backbone():
     prompted = images + vp.padding_prompt(trained["params"]["prompter"])
     features, _ = method.backbone.features(backbone_params, prompted)
     expected = heads.apply_linear_head(trained["params"]["head"], features)
-    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+    # The backbone embeds the prompt on its own: the same sum, rounded in another order.
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_probe_gradient_reaches_only_the_head():

@@ -441,13 +441,12 @@ def test_deep_prompts_equal_manual_loop_over_the_modules_blocks(images):
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("prompted", [False, True])
-def test_skipping_discarded_rows_keeps_the_gradients(images, prompted):
+def test_skipping_discarded_rows_keeps_the_gradients(images):
     # The model computes no outputs where they are discarded (deep prompt rows before their
     # overwrite, all but the CLS row in the last block); the gradients a prompt gets, through
     # the tokens or through the pixels (VP), are those of computing every row.
     model, params = _tiny("tok")
-    deep = _prompts(4, (DEPTH, B, P, D)) if prompted else None
+    deep = _prompts(4, (DEPTH, B, P, D))
 
     def loss(forward, deep, images):
         return jnp.sum(jnp.sin(3.0 * forward(deep, images)))
@@ -461,9 +460,8 @@ def test_skipping_discarded_rows_keeps_the_gradients(images, prompted):
     grads = jax.grad(loss, argnums=(1, 2))(skipping, deep, images)
     expected = jax.grad(loss, argnums=(1, 2))(every_row, deep, images)
     for got, want in zip(grads, expected, strict=True):
-        if want is not None:
-            assert np.abs(want).max() > 1e-3  # not a comparison of near-zeros
-            np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+        assert np.abs(want).max() > 1e-3  # not a comparison of near-zeros
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
     # What it skips: a compiled gradient step does less work than computing every row.
     def flops(forward):
@@ -582,6 +580,26 @@ def test_attention_params_are_flax_dense_general_ones():
         num_heads=4, kernel_init=nn.initializers.xavier_uniform()
     ).init(jax.random.PRNGKey(3), x)
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+def test_pixel_prompt_is_the_prompted_images_output_and_gradient(images):
+    # VP's prompt, embedded once for the batch: the model's output, and the prompt's gradient,
+    # are those of images + prompt.
+    model, params = _tiny("tok")
+    prompt = _prompts(6, images.shape[1:])
+
+    def loss(prompt, shared: bool):
+        kwargs = {"pixel_prompt": prompt} if shared else {}
+        pixels = images if shared else images + prompt
+        logits, _ = model.apply({"params": params}, pixels, **kwargs)
+        return jnp.sum(jnp.sin(3.0 * logits))
+
+    np.testing.assert_allclose(loss(prompt, True), loss(prompt, False), rtol=1e-5)
+    grad, expected = (jax.grad(loss)(prompt, shared) for shared in (True, False))
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(grad, expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"pixel_prompt: expected shape \(H, W, 3\)"):
+        model.apply({"params": params}, images, pixel_prompt=prompt[:8])
 
 
 @pytest.mark.parametrize("size, use_bias", [(32, True), (35, False)])  # 35: a dropped border

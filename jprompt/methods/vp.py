@@ -122,6 +122,7 @@ class VisualPrompt(Method):
         # the backbone always runs in eval mode.
         del train, epoch
         params = trained["params"]
-        prompted = images + self.prompt(params["prompter"], rng).astype(images.dtype)
-        features, out = self.backbone.features(frozen["backbone"], prompted)
+        prompt = self.prompt(params["prompter"], rng).astype(images.dtype)
+        # The backbone's output for images + prompt, with the prompt embedded once for the batch.
+        features, out = self.backbone.features(frozen["backbone"], images, pixel_prompt=prompt)
         return self.head_logits(params, frozen, features), out

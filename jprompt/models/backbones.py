@@ -60,7 +60,8 @@ class Backbone:
         """Pooled pre-logits features ``(B, feature_dim)`` and the dict of intermediates.
 
         ``prompts`` are passed to the module (``prompt_tokens=``, ``deep_prompts=``,
-        ``prompt_position=``). ``train`` switches the backbone's own dropout on, for fine-tuning.
+        ``prompt_position=``, ``pixel_prompt=``). ``train`` switches the backbone's own dropout
+        on, for fine-tuning.
         """
         rngs = {"dropout": rng} if train and rng is not None else {}
         _, out = self.module.apply({"params": params}, images, train=train, rngs=rngs, **prompts)

@@ -26,6 +26,8 @@ checkpoint (the frozen backbone) and prompt methods keep their own trainable tre
   ``prompt_tokens``; before each layer i >= 1 the p prompt positions are overwritten with
   ``deep_prompts[i]``, discarding the previous layer's outputs there (so they are never
   computed: those rows give that layer keys and values only).
+- ``pixel_prompt`` (H, W, 3): VP's prompt, added to every image. The output is that of
+  ``images + pixel_prompt``; the prompt is embedded once on its own (see ``PatchEmbedding``).
 """
 
 import math
@@ -264,7 +266,10 @@ class PatchEmbedding(nn.Module):
     """The patch convolution (kernel = stride = patch, "VALID"; ``nn.Conv``'s parameters and
     init) computed as one matmul over the flattened patches: its input gradient, which VP's
     pixel prompts need, is then a matmul too instead of a slow dilated convolution.
-    Returns ``(B, N, D)``; a border that does not fill a patch is dropped, as the conv does."""
+    Returns ``(B, N, D)``; a border that does not fill a patch is dropped, as the conv does.
+    ``shared`` (H, W, C), added to every image, is embedded on its own: the embedding is linear,
+    so that is the embedding of ``images + shared``, and a gradient to ``shared`` (VP's pixel
+    prompt) costs one image's backward pass through the embedding instead of the batch's."""
 
     features: int
     patch_size: int
@@ -272,16 +277,23 @@ class PatchEmbedding(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, shared=None):
         p = self.patch_size
-        batch, height, width, channels = images.shape
+        _, height, width, channels = images.shape
         kernel = self.param(
             "kernel", nn.initializers.lecun_normal(), (p, p, channels, self.features), jnp.float32
         )
+        kernel = kernel.reshape(-1, self.features).astype(self.dtype)
         rows, cols = height // p, width // p
-        patches = images[:, : rows * p, : cols * p].reshape(batch, rows, p, cols, p, channels)
-        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * cols, -1)
-        x = patches @ kernel.reshape(-1, self.features).astype(self.dtype)
+
+        def embed(pixels):  # (n, H, W, C) -> (n, N, D), without the bias
+            n = pixels.shape[0]
+            patches = pixels[:, : rows * p, : cols * p].reshape(n, rows, p, cols, p, channels)
+            return patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, rows * cols, -1) @ kernel
+
+        x = embed(images)
+        if shared is not None:
+            x = x + embed(shared[None])
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             x = x + bias.astype(self.dtype)
@@ -440,6 +452,7 @@ class VisionTransformer(nn.Module):
         deep_prompts=None,
         prompt_position: str = "after_cls",
         train: bool = False,
+        pixel_prompt=None,
     ):
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid choices: {POOLS}")
@@ -451,6 +464,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"expected images of shape (B, H, W, 3), got {images.shape}")
         batch = images.shape[0]
         self._check_prompts(prompt_tokens, deep_prompts, batch)
+        if pixel_prompt is not None:
+            _check_shape("pixel_prompt", pixel_prompt.shape, images.shape[1:], "(H, W, 3)")
+            pixel_prompt = pixel_prompt.astype(self.dtype)
 
         x = PatchEmbedding(
             self.hidden_size,
@@ -458,7 +474,7 @@ class VisionTransformer(nn.Module):
             use_bias=self.patch_bias,
             dtype=self.dtype,
             name="embedding",
-        )(images.astype(self.dtype))
+        )(images.astype(self.dtype), pixel_prompt)
         num_patches = x.shape[1]
 
         num_cls = 0
