@@ -124,19 +124,18 @@ class ViT(nn.Module):
             x = torch.cat([x[:, :start], prompts, x[:, start:]], dim=1)
         x = self.pre_norm(x)
         skip = self.skip_discarded_rows
+        kept = None  # with skipping, the rows the layers before the last compute
+        if skip and deep_prompts is not None:
+            mask = torch.ones(x.shape[1], dtype=torch.bool)
+            mask[start : start + deep_prompts.shape[2]] = False
+            kept = mask.nonzero().squeeze(1).to(x.device)
         for i, block in enumerate(self.blocks):
-            rows = None
             if deep_prompts is not None and i > 0:
-                # Overwrite the prompt rows, or put them back where the last block skipped them.
+                # Overwrite the prompt rows, or put them back where the previous block skipped them.
                 end = start if skip else start + deep_prompts.shape[2]
                 x = torch.cat([x[:, :start], deep_prompts[i], x[:, end:]], dim=1)
-            if skip and i == len(self.blocks) - 1:
-                rows = slice(0, 1)
-            elif skip and deep_prompts is not None:
-                kept = torch.ones(x.shape[1], dtype=torch.bool)
-                kept[start : start + deep_prompts.shape[2]] = False
-                rows = kept.nonzero().squeeze(1).to(x.device)
-            x = block(x, rows)
+            last = i == len(self.blocks) - 1
+            x = block(x, slice(0, 1) if skip and last else kept)
         return self.proj(self.norm(x)[:, 0])
 
 

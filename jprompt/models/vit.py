@@ -364,12 +364,12 @@ class Encoder(nn.Module):
         # With remat each block keeps only its input for the backward pass and recomputes the
         # rest there: about one more forward pass of compute for activation memory of one block.
         block = nn.remat(Encoder1DBlock, static_argnums=(2, 3)) if self.remat else Encoder1DBlock
+        # Each next layer overwrites the deep prompts' positions, so the layers before the last
+        # need no outputs there: those rows only give keys and values.
+        kept = None
+        if deep_prompts is not None:
+            kept = rows_without(x.shape[1], prompt_start, deep_prompts.shape[2])
         for i in range(self.depth - 1):
-            # The next layer overwrites the deep prompts' positions, so this one needs no
-            # outputs there: those rows only give keys and values.
-            kept = None
-            if deep_prompts is not None:
-                kept = rows_without(x.shape[1], prompt_start, deep_prompts.shape[2])
             x = self._block(block, i)(x, not train, kept)
             if deep_prompts is not None:
                 x = _insert(x, deep_prompts[i + 1].astype(x.dtype), prompt_start)
