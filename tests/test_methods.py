@@ -22,6 +22,13 @@ def abstract_backbone_params(backbone):
     )["params"]
 
 
+def random_backbone_params(backbone):
+    """Random parameters of the backbone, initialised compiled (eager init is slow)."""
+    size = backbone.image_size
+    init = jax.jit(backbone.module.init)
+    return init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))["params"]
+
+
 def count(tree):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -59,14 +66,14 @@ def test_vp_adds_the_prompt_in_normalized_space_before_the_backbone():
     method = methods.build(
         "vp", backbone=make_backbone(), num_classes=5, prompt_size=4, head_init="vpt"
     )
-    backbone_params = method.backbone.module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))[
-        "params"
-    ]
+    backbone_params = random_backbone_params(method.backbone)
     trained, frozen = method.init(jax.random.PRNGKey(2), backbone_params)
     images = jax.random.uniform(jax.random.PRNGKey(3), (2, 32, 32, 3), minval=-1, maxval=1)
-    logits, _ = method.apply(trained, frozen, images, rng=None, train=True)
+    logits, _ = jax.jit(method.apply, static_argnames="train")(
+        trained, frozen, images, rng=None, train=True
+    )
     prompted = images + vp.padding_prompt(trained["params"]["prompter"])
-    features, _ = method.backbone.features(backbone_params, prompted)
+    features, _ = jax.jit(method.backbone.features)(backbone_params, prompted)
     expected = heads.apply_linear_head(trained["params"]["head"], features)
     # The backbone embeds the prompt on its own: the same sum, rounded in another order.
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
@@ -74,9 +81,7 @@ def test_vp_adds_the_prompt_in_normalized_space_before_the_backbone():
 
 def test_linear_probe_gradient_reaches_only_the_head():
     method = methods.build("linear_probe", backbone=make_backbone(), num_classes=5)
-    backbone_params = method.backbone.module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))[
-        "params"
-    ]
+    backbone_params = random_backbone_params(method.backbone)
     trained, frozen = method.init(jax.random.PRNGKey(2), backbone_params)
     assert set(trained["params"]) == {"head"}
     images = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
@@ -85,8 +90,8 @@ def test_linear_probe_gradient_reaches_only_the_head():
         logits, _ = method.apply({"params": params}, frozen, images, rng=None, train=True)
         return jnp.sum(logits[:, 0])
 
-    grads = jax.grad(loss)(trained["params"])
-    features, _ = method.backbone.features(backbone_params, images)
+    grads = jax.jit(jax.grad(loss))(trained["params"])
+    features, _ = jax.jit(method.backbone.features)(backbone_params, images)
     # d(sum of logit 0)/d(kernel[:, 0]) = sum of features; other columns get nothing.
     np.testing.assert_allclose(grads["head"]["kernel"][:, 0], features.sum(0), rtol=1e-5)
     np.testing.assert_array_equal(grads["head"]["kernel"][:, 1:], 0.0)

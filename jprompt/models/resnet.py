@@ -181,19 +181,27 @@ def init_variables(module: ResNet10, rng: jax.Array, image_size: int = 32) -> di
     flat = traverse_util.flatten_dict(abstract["params"])
     shapes = {path: leaf.shape for path, leaf in flat.items()}
     total = sum(math.prod(shape) for shape in shapes.values())
-    normal_rng, uniform_rng = jax.random.split(rng)
-    normal = jax.random.normal(normal_rng, (total,), jnp.float32)
-    uniform = jax.random.uniform(uniform_rng, (total,), jnp.float32, -1.0, 1.0)
-    params, offset = {}, 0
-    for path, shape in shapes.items():
-        size = math.prod(shape)
-        kind, value = init_rule(path, shapes)
-        if kind == "constant":
-            params[path] = jnp.full(shape, value, jnp.float32)
-        else:
-            draws = normal if kind == "normal" else uniform
-            params[path] = value * draws[offset : offset + size].reshape(shape)
-        offset += size
+
+    # Compiled as one program: run eagerly, the slicing and scaling of each parameter would be
+    # dozens of small programs, each compiled on its own.
+    @jax.jit
+    def draw(rng):
+        normal_rng, uniform_rng = jax.random.split(rng)
+        normal = jax.random.normal(normal_rng, (total,), jnp.float32)
+        uniform = jax.random.uniform(uniform_rng, (total,), jnp.float32, -1.0, 1.0)
+        params, offset = {}, 0
+        for path, shape in shapes.items():
+            size = math.prod(shape)
+            kind, value = init_rule(path, shapes)
+            if kind == "constant":
+                params[path] = jnp.full(shape, value, jnp.float32)
+            else:
+                draws = normal if kind == "normal" else uniform
+                params[path] = value * draws[offset : offset + size].reshape(shape)
+            offset += size
+        return params
+
+    params = draw(rng)
     batch_stats = traverse_util.unflatten_dict(
         {
             path: (jnp.ones if path[-1] == "var" else jnp.zeros)(leaf.shape, jnp.float32)
