@@ -118,10 +118,22 @@ def test_remat_gives_the_same_loss_and_gradients():
     assert float(jnp.abs(grads["prompter"]["tokens"]).max()) > 0
 
 
+def _abstract_backbone(name, image, **options):
+    """``_backbone`` with the parameters' shapes only: no initialisation is compiled or run."""
+    built = {}
+
+    def params():
+        built["backbone"], params = _backbone(name, image, **options)
+        return params
+
+    shapes = jax.eval_shape(params)
+    return built["backbone"], shapes
+
+
 def _step_memory_mib(remat: bool) -> float:
     """Arguments + temporaries + outputs of ViT-Ti/16 VPT-deep's step at 224 px, batch 64,
     compiled (not run) with the trainer's CPU options."""
-    backbone, params = _backbone("vit_ti16", image=224, remat=remat)
+    backbone, params = _abstract_backbone("vit_ti16", image=224, remat=remat)
     step, args = _step(
         "vpt",
         backbone,
