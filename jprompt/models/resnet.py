@@ -182,8 +182,8 @@ def init_variables(module: ResNet10, rng: jax.Array, image_size: int = 32) -> di
     shapes = {path: leaf.shape for path, leaf in flat.items()}
     total = sum(math.prod(shape) for shape in shapes.values())
 
-    # Compiled as one program: run eagerly, the slicing and scaling of each parameter would be
-    # dozens of small programs, each compiled on its own.
+    # Compiled as one program: run eagerly, the slicing and scaling of each parameter and each
+    # batch statistic would be dozens of small programs, each compiled on its own.
     @jax.jit
     def draw(rng):
         normal_rng, uniform_rng = jax.random.split(rng)
@@ -199,13 +199,13 @@ def init_variables(module: ResNet10, rng: jax.Array, image_size: int = 32) -> di
                 draws = normal if kind == "normal" else uniform
                 params[path] = value * draws[offset : offset + size].reshape(shape)
             offset += size
-        return params
-
-    params = draw(rng)
-    batch_stats = traverse_util.unflatten_dict(
-        {
+        batch_stats = {
             path: (jnp.ones if path[-1] == "var" else jnp.zeros)(leaf.shape, jnp.float32)
             for path, leaf in traverse_util.flatten_dict(abstract["batch_stats"]).items()
         }
-    )
-    return {"params": traverse_util.unflatten_dict(params), "batch_stats": batch_stats}
+        return {
+            "params": traverse_util.unflatten_dict(params),
+            "batch_stats": traverse_util.unflatten_dict(batch_stats),
+        }
+
+    return draw(rng)
