@@ -1,5 +1,7 @@
 """Methods' parameters and forward passes: counts from the papers' code, prompt placement."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,18 +17,18 @@ def make_backbone(name="vit_tiny4", image_size=32):
     return backbones.Backbone(name, module, image_size, backbones.VIT_NORMALIZATION)
 
 
-def abstract_backbone_params(backbone):
+def init_backbone_params(backbone, rng):
     size = backbone.image_size
-    return jax.eval_shape(
-        backbone.module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))
-    )["params"]
+    return backbone.module.init(rng, jnp.zeros((1, size, size, 3)))["params"]
+
+
+def abstract_backbone_params(backbone):
+    return jax.eval_shape(functools.partial(init_backbone_params, backbone), jax.random.PRNGKey(0))
 
 
 def random_backbone_params(backbone):
     """Random parameters of the backbone, initialised compiled (eager init is slow)."""
-    size = backbone.image_size
-    init = jax.jit(backbone.module.init)
-    return init(jax.random.PRNGKey(1), jnp.zeros((1, size, size, 3)))["params"]
+    return jax.jit(functools.partial(init_backbone_params, backbone))(jax.random.PRNGKey(1))
 
 
 def count(tree):
