@@ -1,9 +1,10 @@
 r"""Training-step speed of jprompt, side by side with a PyTorch reference of the same workload.
 
 For each method x backbone x batch size the harness builds the real library step
-(``jprompt.models.backbones.build``, ``jprompt.methods.build``, ``jprompt.train.make_train_step``
-with SGD + momentum, jitted with the state donated and with ``jprompt.compilation``'s options,
-as the trainer does; random weights, a linear head on 100 classes) and reports:
+(``jprompt.models.backbones.build``, ``jprompt.methods.build``,
+``jprompt.train_step.make_train_step`` with SGD + momentum, jitted with the state donated and
+with ``jprompt.compilation``'s options, as the trainer does; random weights, a linear head on
+100 classes) and reports:
 
 - ``img/s``: batch / median step time over all timed steps, after compilation and warm-up, each
   step ended by ``block_until_ready``;
@@ -47,7 +48,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from jprompt import compilation, config_lib, host_memory, methods, train
+from jprompt import compilation, host_memory, methods, train_step
 from jprompt.models import backbones
 
 # harness name -> (jprompt method, its options)
@@ -164,7 +165,7 @@ def vp_prompt_size() -> int:
 
 def build_jax_step(name: str, method: str, batch: int):
     """``(run, compile_s, mem_mib, module)``: ``run()`` performs one jitted training step."""
-    config = config_lib.backbone_config(
+    config = backbones.default_config(
         name, compute_dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value
     )
     image_size = _IMAGE_SIZE.value
@@ -186,7 +187,7 @@ def build_jax_step(name: str, method: str, batch: int):
         "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
     }
     step = jax.jit(
-        train.make_train_step(built, tx, steps_per_epoch=1000),
+        train_step.make_train_step(built, tx, steps_per_epoch=1000),
         donate_argnums=(0,),
         compiler_options=compilation.step_options(jax.default_backend()),
     )

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from ml_collections import ConfigDict
 
 from jprompt.data import presets, synthetic
+from jprompt.models import backbones
 
 # Published checkpoints: the ImageNet-21k runs of "How to train your ViT?" (Steiner et al. 2021)
 # that its authors recommend for transfer (also big_vision's "howto-i21k" list). Point
@@ -107,25 +108,6 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ValueError(f"config arg {key!r} expects true/false, got {value!r}")
 
 
-def backbone_config(name: str, **overrides) -> ConfigDict:
-    """``config.backbone``: the backbone ``name`` with default options (random init without a
-    ``checkpoint``); ``overrides`` replace any of them."""
-    config = ConfigDict(
-        dict(
-            name=name,
-            checkpoint="",
-            pool="tok",
-            dropout_rate=0.0,
-            representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
-            compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
-            param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
-            remat=False,  # recompute each block in the backward: less memory, ~1 more forward
-        )
-    )
-    config.update(overrides)
-    return config
-
-
 def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
     config = ConfigDict()
@@ -163,7 +145,7 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
         )
     )
     checkpoint = DEMO_CHECKPOINTS[backbone] if demo else CHECKPOINTS.get(backbone, "")
-    config.backbone = backbone_config(backbone, checkpoint=checkpoint)
+    config.backbone = backbones.default_config(backbone, checkpoint=checkpoint)
     config.method = ConfigDict()
     config.head = ConfigDict(
         dict(

@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -48,56 +47,13 @@ from jprompt.data import pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.evaluate import evaluate, make_eval_step
 from jprompt.methods.base import Method
-from jprompt.metrics import NO_STEP, Training
+from jprompt.metrics import NO_STEP
 from jprompt.models import backbones
+from jprompt.train_step import make_train_step
 
 RESULTS_FILE = "results.json"
 # config.report_test_selected: {step: test accuracy} after every epoch.
 TEST_EACH_EPOCH_FILE = "test_each_epoch.json"
-
-
-def make_train_step(
-    method: Method, tx: optax.GradientTransformation, steps_per_epoch: int
-) -> Callable:
-    """``(state, frozen, batch, rng) -> (state, metrics)``; gradients only for trained params."""
-
-    def train_step(state, frozen, batch, rng):
-        rng = jax.random.fold_in(rng, state["step"])
-        epoch = state["step"] // steps_per_epoch
-        trained = state["trained"]
-
-        def loss_fn(params):
-            logits, aux = method.apply(
-                {**trained, "params": params},
-                frozen,
-                batch["image"],
-                rng=rng,
-                train=True,
-                epoch=epoch,
-            )
-            logits = logits.astype(jnp.float32)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-            return losses.mean(), (logits, aux)
-
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, aux)), grads = grad_fn(trained["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], trained["params"])
-        new_trained = {
-            **trained,
-            **aux.get("mutable", {}),
-            "params": optax.apply_updates(trained["params"], updates),
-        }
-        metrics = Training.single_from_model_output(
-            loss=loss,
-            logits=logits,
-            labels=batch["label"],
-            images=batch["image"],
-            step=state["step"] + 1,
-        )
-        new_state = {"step": state["step"] + 1, "trained": new_trained, "opt_state": opt_state}
-        return new_state, metrics
-
-    return train_step
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jprompt import compilation, config_lib, methods, train
+from jprompt import compilation, methods, train_step
 from jprompt.models import backbones
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ NUM_CLASSES = 10  # the head kernel (64, 10) is the one trained 2-D weight
 
 
 def _backbone(name="vit_tiny16", image=IMAGE, **options):
-    config = config_lib.backbone_config(name, **options)
+    config = backbones.default_config(name, **options)
     return backbones.build(config, image_size=image, rng=jax.random.key(0))
 
 
@@ -46,7 +46,8 @@ def _step(
         "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
     }
     step = jax.jit(
-        train.make_train_step(method, tx, steps_per_epoch=10), compiler_options=compiler_options
+        train_step.make_train_step(method, tx, steps_per_epoch=10),
+        compiler_options=compiler_options,
     )
     return step, (state, frozen, batch, jax.random.key(2))
 
@@ -174,8 +175,17 @@ def test_unknown_dtype_is_rejected():
 
 def test_step_speed_harness_smoke(tmp_path):
     out = tmp_path / "speed.json"
+    # Accelerator images often have JAX and PyTorch but no TensorFlow (the H100/H200 machines
+    # this harness is meant for): it must run where TensorFlow cannot be imported.
+    without_tensorflow = (
+        "import os, runpy, sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None); "
+        "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     args = [
         sys.executable,
+        "-c",
+        without_tensorflow,
         str(ROOT / "benchmarks" / "step_speed.py"),
         "--backbones=vit_tiny16",
         "--methods=vpt_deep",

@@ -68,6 +68,25 @@ class Backbone:
         return out["pre_logits"], out
 
 
+def default_config(name: str, **overrides) -> ConfigDict:
+    """``config.backbone`` for ``build``: the backbone ``name`` with default options (random init
+    without a ``checkpoint``); ``overrides`` replace any of them."""
+    config = ConfigDict(
+        dict(
+            name=name,
+            checkpoint="",
+            pool="tok",
+            dropout_rate=0.0,
+            representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
+            compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
+            param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
+            remat=False,  # recompute each block in the backward: less memory, ~1 more forward
+        )
+    )
+    config.update(overrides)
+    return config
+
+
 def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backbone, dict]:
     """The backbone named by ``config.name`` and its parameters.
 
