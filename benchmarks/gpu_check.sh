@@ -4,12 +4,14 @@
 #
 #   1. ViT-B/16 at batch 128 in bfloat16, VPT-deep, PGN and VP, PyTorch beside it (the targets:
 #      >= 45% of the bf16 matmul peak measured in the same run, >= 1.2x PyTorch);
-#   2. the same VPT-deep step with remat, JAX alone: its memory against the plain step's;
-#   3. ViT-Ti/16 and the CLIP-B/32 image tower, the same methods, for the rest of the table.
+#   2. the same with backbone.attention=cudnn (jax.nn.dot_product_attention's fused kernel)
+#      instead of the default heads-major XLA attention, to keep the faster one;
+#   3. the VPT-deep step with remat, JAX alone: its memory against the plain step's;
+#   4. ViT-Ti/16 and the CLIP-B/32 image tower, the same methods, for the rest of the table.
 #
-# Each part writes its JSON and log to $OUT (or /tmp/gpu_check) as it ends, so what finished
-# comes back even if a time limit stops a later part. About 2-3 minutes for part 1 and 1 for
-# part 2 on an H200, after the machine has started.
+# Each part writes its JSON to $OUT (or /tmp/gpu_check) as it ends, and everything printed goes
+# to $OUT/log.txt, so what finished comes back even if a time limit stops a later part. Parts 1 and 2 should take 2-3 minutes
+# each on an H200 (an estimate: this script has not run on one yet), after the machine started.
 #
 # The two missing pure-Python packages travel as wheels in .whl/ (ignored by git), fetched where
 # pip works:
@@ -19,8 +21,9 @@
 # TensorFlow, which only the input pipeline needs.
 #
 # Arguments are harness flags appended to every part (the last of a flag wins), e.g. a smoke run
-# anywhere: benchmarks/gpu_check.sh --backbones=vit_tiny16 --image_size=32 --batch_sizes=2 \
-#   --warmup=0 --steps=1 --repeats=1
+# anywhere (cudnn attention needs an NVIDIA GPU: xla stands in for it):
+#   benchmarks/gpu_check.sh --backbones=vit_tiny16 --image_size=32 --batch_sizes=2 --warmup=0 \
+#     --steps=1 --repeats=1 --attention=xla
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -40,17 +43,19 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
   python3 -c 'import jax, flax, optax, torch; print("jax", jax.__version__, "flax",
 flax.__version__, "optax", optax.__version__, "torch", torch.__version__, jax.devices())'
-} 2>&1 | tee "$out/machine.txt"
+} 2>&1 | tee "$out/log.txt"
 
-speed() {  # speed NAME FLAGS...: one harness run, its table in NAME.log and rows in NAME.json
+speed() {  # speed NAME FLAGS...: one harness run, its rows in NAME.json
   local name=$1
   shift
   python3 benchmarks/step_speed.py --dtype=bfloat16 --batch_sizes=128 --json="$out/$name.json" \
-    "$@" "${extra[@]}" 2>&1 | tee "$out/$name.log" | grep -v '^[IW][0-9]'
+    "$@" "${extra[@]}" 2>&1 | grep -v '^[IW][0-9]' | tee -a "$out/log.txt"
 }
 extra=("$@")
 
-speed b16 --backbones=vit_b16 --methods=vpt_deep,pgn,vp --warmup=2 --steps=10 --repeats=6
+b16=(--backbones=vit_b16 --methods=vpt_deep,pgn,vp --warmup=2 --steps=10 --repeats=6)
+speed b16 "${b16[@]}"
+speed b16_cudnn "${b16[@]}" --attention=cudnn
 speed b16_remat --backbones=vit_b16 --methods=vpt_deep --remat --notorch --steps=5 --repeats=2
 speed ti16_clip --backbones=vit_ti16,clip_b32 --methods=vpt_deep,pgn,vp --warmup=2 --steps=10 \
   --repeats=4

@@ -49,7 +49,7 @@ import optax
 from absl import app, flags
 
 from jprompt import compilation, host_memory, methods, train_step
-from jprompt.models import backbones
+from jprompt.models import backbones, vit
 
 # harness name -> (jprompt method, its options)
 METHODS = {
@@ -71,6 +71,9 @@ _PARAM_DTYPE = flags.DEFINE_enum(
     "param_dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the frozen backbone."
 )
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each encoder block in the backward.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "heads_major", vit.ATTENTIONS, "How the backbone computes self-attention."
+)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating JAX/torch rounds.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
@@ -168,7 +171,11 @@ def vp_prompt_size() -> int:
 def build_jax_step(name: str, method: str, batch: int):
     """``(run, compile_s, mem_mib, module)``: ``run()`` performs one jitted training step."""
     config = backbones.default_config(
-        name, compute_dtype=_DTYPE.value, param_dtype=_PARAM_DTYPE.value, remat=_REMAT.value
+        name,
+        compute_dtype=_DTYPE.value,
+        param_dtype=_PARAM_DTYPE.value,
+        remat=_REMAT.value,
+        attention=_ATTENTION.value,
     )
     image_size = _IMAGE_SIZE.value
     backbone, params = backbones.build(config, image_size=image_size, rng=jax.random.key(0))
@@ -308,7 +315,7 @@ def main(argv):
     device = jax.devices()[0]
     print(
         f"{device.device_kind} ({jax.default_backend()}), compute {_DTYPE.value}, "
-        f"param_dtype={_PARAM_DTYPE.value}, remat={_REMAT.value}, "
+        f"param_dtype={_PARAM_DTYPE.value}, remat={_REMAT.value}, attention={_ATTENTION.value}, "
         f"torch_skip_discarded_rows={_TORCH_SKIP.value}"
     )
     rows = []
@@ -327,6 +334,7 @@ def main(argv):
                     "dtype": _DTYPE.value,
                     "param_dtype": _PARAM_DTYPE.value,
                     "remat": _REMAT.value,
+                    "attention": _ATTENTION.value,
                     "torch_skip_discarded_rows": _TORCH_SKIP.value,
                     "rows": [
                         dataclasses.asdict(r) | {"ratio": r.ratio, "ratio_range": r.ratio_range}

@@ -168,9 +168,19 @@ def test_bfloat16_compute_and_storage_stay_close_to_float32():
     assert float(relative) < 0.1
 
 
-def test_unknown_dtype_is_rejected():
+def test_backbone_options_reach_the_module():
+    options = dict(compute_dtype="bfloat16", remat=True, attention="xla")
+    module = _abstract_backbone("vit_tiny16", IMAGE, **options)[0].module
+    assert (module.dtype, module.remat, module.attention) == (jnp.bfloat16, True, "xla")
+
+
+def test_unknown_dtype_or_attention_is_rejected():
     with pytest.raises(ValueError, match="unknown backbone.compute_dtype 'float16'"):
         _backbone(compute_dtype="float16")
+    with pytest.raises(
+        ValueError, match=r"unknown backbone.attention 'flash'; valid choices: \('heads_major'"
+    ):
+        _backbone(attention="flash")
 
 
 def test_step_speed_harness_smoke(tmp_path):
@@ -194,11 +204,13 @@ def test_step_speed_harness_smoke(tmp_path):
         "--steps=1",
         "--repeats=1",
         "--warmup=0",
+        "--attention=xla",  # the option reaches the step (the default runs in every other test)
         f"--json={out}",
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
+    assert report["attention"] == "xla"
     (row,) = report["rows"]
     assert (row["method"], row["backbone"], row["batch"]) == ("vpt_deep", "vit_tiny16", BATCH)
     assert row["img_s"] > 0 and row["compile_s"] > 0 and row["mem_mib"] > 0

@@ -534,12 +534,14 @@ def test_dropout_only_in_training(images):
     assert np.abs(np.asarray(trained - plain)).max() > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["heads_major", "xla"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_is_jax_dot_product_attention(causal):
+def test_attention_is_jax_dot_product_attention(causal, attention):
     # The heads-major layout must compute exactly what jax's reference attention computes from
-    # the same q/k/v projections (flax's (B, T, H, D/H) layout), causal mask included.
+    # the same q/k/v projections (flax's (B, T, H, D/H) layout), causal mask included; and so
+    # must the module when it calls that function itself.
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
-    attention = vit.MultiHeadDotProductAttention(num_heads=4, causal=causal)
+    attention = vit.MultiHeadDotProductAttention(num_heads=4, causal=causal, attention=attention)
     params = attention.init(jax.random.PRNGKey(1), x, deterministic=True)["params"]
     q, k, v = (
         jnp.einsum("btd,dhk->bthk", x, params[n]["kernel"]) + params[n]["bias"]
@@ -551,15 +553,55 @@ def test_attention_is_jax_dot_product_attention(causal):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_query_rows_are_those_rows_of_the_full_attention(causal):
+@pytest.mark.parametrize(
+    "causal, attention", [(False, "heads_major"), (True, "heads_major"), (False, "xla")]
+)
+def test_attention_query_rows_are_those_rows_of_the_full_attention(causal, attention):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 32))
-    attention = vit.MultiHeadDotProductAttention(num_heads=4, causal=causal)
+    attention = vit.MultiHeadDotProductAttention(num_heads=4, causal=causal, attention=attention)
     params = attention.init(jax.random.PRNGKey(1), x, deterministic=True)["params"]
     full = attention.apply({"params": params}, x, deterministic=True)
     rows = ((0, 2), (4, 7))
     some = attention.apply({"params": params}, x, deterministic=True, query_rows=rows)
     np.testing.assert_allclose(some, full[:, [0, 1, 4, 5, 6]], atol=1e-6)
+
+
+def test_dot_product_attention_refuses_what_it_cannot_compute():
+    x = jnp.zeros((2, 7, 32))
+    params = vit.MultiHeadDotProductAttention(num_heads=4).init(
+        jax.random.PRNGKey(1), x, deterministic=True
+    )
+    dropout = vit.MultiHeadDotProductAttention(num_heads=4, dropout_rate=0.1, attention="xla")
+    rngs = {"dropout": jax.random.key(0)}
+    with pytest.raises(ValueError, match="attention='xla' takes no attention dropout"):
+        dropout.apply(params, x, deterministic=False, rngs=rngs)
+    dropout.apply(params, x, deterministic=True)  # evaluation has no dropout: fine
+    causal = vit.MultiHeadDotProductAttention(num_heads=4, causal=True, attention="xla")
+    with pytest.raises(ValueError, match="no causal mask for query_rows"):
+        causal.apply(params, x, deterministic=True, query_rows=((0, 2),))
+    unknown = vit.MultiHeadDotProductAttention(num_heads=4, attention="flash")
+    with pytest.raises(ValueError, match=r"unknown attention 'flash'; valid choices: \("):
+        unknown.apply(params, x, deterministic=True)
+
+
+def test_vpt_deep_through_dot_product_attention_has_the_same_output_and_gradients(images):
+    # The whole model, discarded rows skipped, with jax.nn.dot_product_attention's layout.
+    model, params = _tiny("tok")
+    deep = _prompts(4, (DEPTH, B, P, D))
+
+    def loss_and_grad(attention):
+        def loss(deep):
+            logits = model.clone(attention=attention).apply(
+                {"params": params}, images, deep_prompts=deep
+            )[0]
+            return jnp.sum(jnp.sin(3.0 * logits))
+
+        return jax.jit(jax.value_and_grad(loss))(deep)
+
+    (value, grad), (expected_value, expected_grad) = map(loss_and_grad, ("xla", "heads_major"))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    assert np.abs(expected_grad).max() > 1e-3
+    np.testing.assert_allclose(grad, expected_grad, atol=2e-5, rtol=1e-4)
 
 
 def test_rows_without_and_take_rows():

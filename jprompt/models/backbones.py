@@ -81,6 +81,8 @@ def default_config(name: str, **overrides) -> ConfigDict:
             compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
             param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
             remat=False,  # recompute each block in the backward: less memory, ~1 more forward
+            # heads_major | xla | cudnn (jax.nn.dot_product_attention's fused GPU kernel)
+            attention="heads_major",
         )
     )
     config.update(overrides)
@@ -96,7 +98,8 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
 
     Speed and memory: ``config.compute_dtype`` is the module's compute dtype,
     ``config.param_dtype`` the dtype the returned (frozen) parameters are stored in, and
-    ``config.remat`` rematerialises every encoder block in the backward pass.
+    ``config.remat`` rematerialises every encoder block in the backward pass, and
+    ``config.attention`` picks how self-attention is computed (``vit.ATTENTIONS``).
     """
     if config.name not in NAMES:
         raise ValueError(f"unknown backbone {config.name!r}; valid choices: {list(NAMES)}")
@@ -105,6 +108,10 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
             raise ValueError(
                 f"unknown backbone.{field} {config[field]!r}; valid choices: {list(DTYPES)}"
             )
+    if config.attention not in vit.ATTENTIONS:
+        raise ValueError(
+            f"unknown backbone.attention {config.attention!r}; valid choices: {vit.ATTENTIONS}"
+        )
     if config.name in clip.NAMES:
         backbone, params = _build_clip(config, image_size=image_size, rng=rng)
     else:
@@ -113,7 +120,7 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
 
 
 def _speed_options(config: ConfigDict) -> dict:
-    return dict(dtype=DTYPES[config.compute_dtype], remat=config.remat)
+    return dict(dtype=DTYPES[config.compute_dtype], remat=config.remat, attention=config.attention)
 
 
 def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):

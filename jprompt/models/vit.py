@@ -63,6 +63,9 @@ NAMES: tuple[str, ...] = tuple(
 POOLS = ("tok", "gap")
 PROMPT_POSITIONS = ("after_cls", "end")
 LAYERNORM_EPS = 1e-6  # vit_jax / big_vision; CLIP uses PyTorch's default 1e-5
+# How self-attention is computed (``MultiHeadDotProductAttention``): jprompt's heads-major XLA
+# computation, or ``jax.nn.dot_product_attention`` with that ``implementation``.
+ATTENTIONS = ("heads_major", "xla", "cudnn")
 
 
 # Sequence rows as static ``(start, stop)`` spans, e.g. ``((0, 1),)`` for the CLS token.
@@ -170,11 +173,18 @@ class MultiHeadDotProductAttention(nn.Module):
     weights also take the attention dropout.
     ``causal`` lets each token attend only to itself and earlier tokens (CLIP's text tower).
     ``query_rows`` (static spans) computes the outputs of those rows alone: ``(B, rows, D)``.
+
+    ``attention="xla"`` or ``"cudnn"`` computes the same through
+    ``jax.nn.dot_product_attention`` with that ``implementation`` instead, in its (B, T, H, D/H)
+    layout: ``"cudnn"`` is the fused flash-attention kernel of NVIDIA GPUs (bfloat16 or float16
+    compute), which never writes the (B, H, T, T) weights to memory. Neither takes attention
+    dropout.
     """
 
     num_heads: int
     dropout_rate: float = 0.0
     causal: bool = False
+    attention: str = "heads_major"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -195,32 +205,58 @@ class MultiHeadDotProductAttention(nn.Module):
         )
         bias = (jnp.stack([bias for _, bias in projections]) * scale).astype(self.dtype)
 
-        def project(tokens, which: slice):  # -> (len(which), B, H, T, D/H)
-            y = jnp.einsum("btd,dchk->cbhtk", tokens.astype(self.dtype), kernel[:, which])
-            return y + bias[which, None, :, None, :]
+        heads_major = self.attention == "heads_major"
+        layout = "bhtk" if heads_major else "bthk"
+
+        def project(tokens, which: slice):  # -> (len(which), *layout)
+            y = jnp.einsum(f"btd,dchk->c{layout}", tokens.astype(self.dtype), kernel[:, which])
+            return y + jnp.expand_dims(bias[which], (1, 3 if heads_major else 2))
 
         # One (D, 3 H D/H) matmul instead of three narrow ones keeps the matmul units busier;
         # the parameters stay the checkpoint's three. With ``query_rows`` only those rows get
         # queries, and so outputs; every row still gives keys and values.
         if query_rows is None:
-            q, k, v = project(x, slice(0, 3))  # (B, H, T, D/H) each
+            q, k, v = project(x, slice(0, 3))
         else:
             (q,), (k, v) = project(take_rows(x, query_rows), slice(0, 1)), project(x, slice(1, 3))
 
+        if heads_major:
+            y = self._heads_major(q, k, v, query_rows, deterministic)
+        else:
+            y = self._dot_product_attention(q, k, v, query_rows, deterministic)
+        out_kernel, out_bias = _ProjectionParams(heads, (width,), name="out")()
+        y = jnp.einsum(f"{layout},hkd->btd", y, out_kernel.astype(self.dtype))
+        return y + out_bias.astype(self.dtype)
+
+    def _heads_major(self, q, k, v, query_rows: Rows | None, deterministic: bool):
+        """(B, H, T, D/H) queries, keys and values -> the (B, H, T, D/H) weighted values."""
         # float32 logits whatever the compute dtype, as jax.nn.dot_product_attention's.
         logits = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
         if self.causal:
-            positions = jnp.arange(x.shape[1])
+            positions = jnp.arange(k.shape[2])
             asking = positions if query_rows is None else take_rows(positions[None], query_rows)[0]
             mask = asking[:, None] >= positions[None, :]
             logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        y = jnp.einsum("bhqs,bhsk->bhqk", weights, v)
+        return jnp.einsum("bhqs,bhsk->bhqk", weights, v)
 
-        out_kernel, out_bias = _ProjectionParams(heads, (width,), name="out")()
-        y = jnp.einsum("bhtk,hkd->btd", y, out_kernel.astype(self.dtype))
-        return y + out_bias.astype(self.dtype)
+    def _dot_product_attention(self, q, k, v, query_rows: Rows | None, deterministic: bool):
+        """(B, T, H, D/H) queries, keys and values -> the (B, T, H, D/H) weighted values."""
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid choices: {ATTENTIONS}")
+        if self.dropout_rate and not deterministic:
+            raise ValueError(
+                f"attention={self.attention!r} takes no attention dropout (rate "
+                f"{self.dropout_rate}); use attention='heads_major'"
+            )
+        if self.causal and query_rows is not None:
+            # Its causal mask is the one of queries and keys at the same positions.
+            raise ValueError(f"attention={self.attention!r} has no causal mask for query_rows")
+        # The 1/sqrt(D/H) scale is already in the queries.
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=1.0, is_causal=self.causal, implementation=self.attention
+        )
 
 
 class Encoder1DBlock(nn.Module):
@@ -234,6 +270,7 @@ class Encoder1DBlock(nn.Module):
     layernorm_epsilon: float = LAYERNORM_EPS
     activation: str = "gelu"
     causal: bool = False
+    attention: str = "heads_major"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -245,6 +282,7 @@ class Encoder1DBlock(nn.Module):
             num_heads=self.num_heads,
             dropout_rate=self.attention_dropout_rate,
             causal=self.causal,
+            attention=self.attention,
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_0",
         )(y, deterministic=deterministic, query_rows=query_rows)
@@ -337,6 +375,7 @@ class Encoder(nn.Module):
     causal: bool = False
     pre_norm: bool = False
     remat: bool = False
+    attention: str = "heads_major"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -393,6 +432,7 @@ class Encoder(nn.Module):
             layernorm_epsilon=self.layernorm_epsilon,
             activation=self.activation,
             causal=self.causal,
+            attention=self.attention,
             dtype=self.dtype,
             name=f"encoderblock_{index}",
         )
@@ -411,7 +451,9 @@ class VisionTransformer(nn.Module):
     are ``out["pre_logits"]``. Inputs: float (B, H, W, 3), pixels in [-1, 1] for the published
     checkpoints; no normalization is applied here. ``dtype`` is the compute dtype; parameters
     are created float32 and may be passed in another storage dtype (cast where used).
-    ``remat`` rematerialises each encoder block in the backward pass (see ``Encoder``).
+    ``remat`` rematerialises each encoder block in the backward pass (see ``Encoder``), and
+    ``attention`` (one of ``ATTENTIONS``) picks how self-attention is computed (see
+    ``MultiHeadDotProductAttention``).
 
     The fields after ``head_bias_init`` make CLIP's image tower out of the same module
     (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
@@ -437,6 +479,7 @@ class VisionTransformer(nn.Module):
     activation: str = "gelu"
     projection_dim: int | None = None
     remat: bool = False
+    attention: str = "heads_major"
     dtype: Any = jnp.float32
 
     @property
@@ -501,6 +544,7 @@ class VisionTransformer(nn.Module):
             activation=self.activation,
             pre_norm=self.pre_norm,
             remat=self.remat,
+            attention=self.attention,
             dtype=self.dtype,
             name="Transformer",
         )(
