@@ -2,6 +2,7 @@
 once the first steps have run; without it, glibc returns the step's memory and every step faults
 it in again (the control, run the same way)."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -12,12 +13,13 @@ from jprompt import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Median page faults of ten gradient steps after two warm-up steps, in a fresh process (the
-# settings must come before JAX starts its backend). The step is a small tanh MLP on 4096 x 512
-# activations, 8 MiB buffers that XLA:CPU mallocs and frees as it does a ViT step's, in seconds
-# rather than a ViT's compile. The median, because with the settings an odd early step still
-# grows the heap once (XLA's threads free and allocate in a different order each step, so the
-# heap reaches its final size over a few steps, then stays).
+# Median page faults of 16 gradient steps after four warm-up steps, in a fresh process (the
+# settings must come before JAX starts its backend), with XLA's default flags as the trainer runs
+# (not conftest's). The step is a small tanh MLP on 4096 x 512 activations, 8 MiB buffers that
+# XLA:CPU mallocs and frees as it does a ViT step's, in seconds rather than a ViT's compile. The
+# median, because with the settings an odd early step still grows the heap once (XLA's threads
+# free and allocate in a different order each step, so the heap reaches its final size over some
+# steps: 0 to 2 of the 16 measured ones in 8 runs).
 PROBE = """
 import resource, sys
 from jprompt import host_memory
@@ -33,10 +35,10 @@ def loss(weight):
     return hidden.sum()
 step = jax.jit(jax.grad(loss))
 weight = jnp.full((512, 512), 1e-3)
-for _ in range(2):
+for _ in range(4):
     jax.block_until_ready(step(weight))
 faults = []
-for _ in range(10):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(step(weight))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -45,8 +47,9 @@ print(sorted(faults)[len(faults) // 2])
 
 
 def _step_page_faults(mode: str) -> int:
+    env = os.environ | {"XLA_FLAGS": ""}
     run = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True, env=env
     )
     if "no mallopt" in run.stderr:
         pytest.skip("this C library has no mallopt (not glibc)")
