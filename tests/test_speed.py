@@ -204,7 +204,7 @@ def test_step_speed_harness_smoke(tmp_path):
         "--steps=1",
         "--repeats=1",
         "--warmup=0",
-        "--attention=xla",  # the option reaches the step (the default runs in every other test)
+        "--attention=xla",  # the harness's option (the default runs in every other test)
         f"--json={out}",
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
