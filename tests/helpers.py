@@ -1,7 +1,9 @@
 """Helpers shared by the tests that drive the trainer: config loading, shrinking, a few steps."""
 
 import contextlib
+import os
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -70,6 +72,13 @@ def latest_trained(workdir, experiment):
         return to_numpy(checkpoints.restore_latest(abstract)["trained"])
     finally:
         checkpoints.close()
+
+
+def xla_flags_with_devices(count: int) -> str:
+    """This process's ``XLA_FLAGS`` (conftest's) with ``count`` fake CPU devices instead, for a
+    subprocess."""
+    flag = "--xla_force_host_platform_device_count"
+    return re.sub(rf"{flag}=\d+", f"{flag}={count}", os.environ["XLA_FLAGS"])
 
 
 def to_numpy(tree):

@@ -3,7 +3,6 @@
 """
 
 import json
-import os
 
 import helpers
 import jax
@@ -37,7 +36,7 @@ def test_two_processes_match_one_process_with_four_devices(shapes_data_dir, tmp_
             main_command(config, workdir),
             tmp_path,
             f"process{i}",
-            XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2"),
+            XLA_FLAGS=helpers.xla_flags_with_devices(2),
             JPROMPT_COORDINATOR_ADDRESS=address,
             JPROMPT_NUM_PROCESSES="2",
             JPROMPT_PROCESS_ID=str(i),

@@ -49,9 +49,8 @@ def execute(name: str, kernel_spec_manager, data_dir, workdir) -> dict:
     """Run the notebook in smoke mode; return the JSON summary its last cell prints."""
     notebook = load(name)
     env = dict(os.environ)
-    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env.update(
-        XLA_FLAGS=xla_flags.strip(),
+        XLA_FLAGS=helpers.xla_flags_with_devices(1),
         JPROMPT_NOTEBOOK_SMOKE="1",
         JPROMPT_NOTEBOOK_WORKDIR=str(workdir),
         TFDS_DATA_DIR=str(data_dir),
