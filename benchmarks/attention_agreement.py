@@ -9,6 +9,8 @@ one is: bfloat16 rounding, not more. Run before timing the fused path
 (``benchmarks/gpu_check.sh`` does).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -18,18 +20,21 @@ BATCH = 8
 PROMPTS = 10
 
 
-def features(attention: str, dtype: str) -> np.ndarray:
-    config = backbones.default_config("vit_b16", compute_dtype=dtype, attention=attention)
+def main():
+    # One set of weights and inputs; only the module's compute dtype and attention change.
+    config = backbones.default_config("vit_b16")
     backbone, params = backbones.build(config, image_size=224, rng=jax.random.key(0))
     module = backbone.module
     images = jax.random.uniform(jax.random.key(1), (BATCH, 224, 224, 3), minval=-1, maxval=1)
     shape = (module.depth, BATCH, PROMPTS, module.hidden_size)
     deep = 0.02 * jax.random.normal(jax.random.key(2), shape)
-    forward = jax.jit(lambda p, x, d: backbone.features(p, x, deep_prompts=d)[0])
-    return np.asarray(forward(params, images, deep), np.float32)
 
+    def features(attention: str, dtype: str) -> np.ndarray:
+        variant = module.clone(dtype=backbones.DTYPES[dtype], attention=attention)
+        twin = dataclasses.replace(backbone, module=variant)
+        forward = jax.jit(lambda p, x, d: twin.features(p, x, deep_prompts=d)[0])
+        return np.asarray(forward(params, images, deep), np.float32)
 
-def main():
     # float32 matmuls at full precision on GPUs too (TF32 would blur the reference).
     with jax.default_matmul_precision("highest"):
         reference = features("heads_major", "float32")
