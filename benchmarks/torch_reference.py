@@ -4,7 +4,7 @@ A timm-style ViT written here in plain torch (timm itself does not import beside
 these machines): patch conv, class token, learned position embedding, pre-LayerNorm blocks with
 one fused ``qkv`` Linear, ``F.scaled_dot_product_attention`` and a GELU MLP, final LayerNorm,
 class-token pooling. It is built from a jprompt ``VisionTransformer``'s fields, so it has the
-same widths, depth, heads, patch size, activation (tanh-GELU as flax's ``nn.gelu``, or CLIP's
+same widths, depth, heads, patch size, activation (``ACTIVATIONS``: tanh or exact GELU, or CLIP's
 quick_gelu), LayerNorm eps, ``ln_pre``, patch bias and projection as the JAX backbone.
 
 Every backbone parameter has ``requires_grad=False`` (frozen: autograd computes activation
@@ -41,6 +41,10 @@ def quick_gelu(x):
 
 def tanh_gelu(x):
     return F.gelu(x, approximate="tanh")
+
+
+# jprompt's activation names (``jprompt.models.vit.ACTIVATIONS``) -> their torch functions.
+ACTIVATIONS = {"gelu_tanh": tanh_gelu, "gelu_exact": F.gelu, "quick_gelu": quick_gelu}
 
 
 class Block(nn.Module):
@@ -83,9 +87,12 @@ class Block(nn.Module):
 def block_like(module) -> Block:
     """A ``Block`` with the widths, heads, LayerNorm eps and activation of the jprompt
     ``VisionTransformer`` ``module``'s encoder blocks."""
-    activation = quick_gelu if module.activation == "quick_gelu" else tanh_gelu
     return Block(
-        module.hidden_size, module.num_heads, module.mlp_dim, module.layernorm_epsilon, activation
+        module.hidden_size,
+        module.num_heads,
+        module.mlp_dim,
+        module.layernorm_epsilon,
+        ACTIVATIONS[module.activation],
     )
 
 

@@ -4,7 +4,9 @@ Big models are only traced with ``jax.eval_shape``; everything that computes use
 (D=64, 2 layers, 2 heads) on 16x16 images (a 4x4 grid of patches).
 """
 
+import functools
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jprompt.models import vit
+from jprompt.models import backbones, clip, vit
 from jprompt.models.vit_checkpoint import count_params, flatten
 
 # From google-research/vision_transformer vit_jax/models_test.py (1000 classes, 224px, no
@@ -658,3 +660,113 @@ def test_patch_embedding_is_the_patch_convolution(size, use_bias):
         params = jax.tree.map(lambda x: x + 0.1, params)
     expected = conv.apply(params, images).reshape(2, -1, 16)
     np.testing.assert_allclose(embedding.apply(params, images), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLP activation: tanh GELU (vit_jax), exact GELU (PyTorch-trained weights), quick_gelu (CLIP).
+
+
+def test_gelu_exact_is_the_erf_gelu_and_differs_from_the_tanh_one():
+    x = 1.5
+    exact = 0.5 * x * (1 + math.erf(x / math.sqrt(2)))
+    assert float(vit.ACTIVATIONS["gelu_exact"](jnp.float32(x))) == pytest.approx(exact, abs=1e-6)
+    assert float(vit.ACTIVATIONS["gelu_tanh"](jnp.float32(x))) == pytest.approx(_gelu(x), abs=1e-6)
+    assert exact - _gelu(x) == pytest.approx(2.176e-4, rel=1e-3)  # far above float32 rounding
+    xs = jnp.linspace(-5, 5, 101)
+    np.testing.assert_array_equal(vit.gelu_exact(xs), jax.nn.gelu(xs, approximate=False))
+    block = vit.MlpBlock(mlp_dim=4, activation="gelu")
+    with pytest.raises(
+        ValueError, match=r"unknown activation 'gelu'; valid choices: \['gelu_tanh', 'gelu_exact'"
+    ):
+        block.init(jax.random.key(0), jnp.zeros((1, 2)), deterministic=True)
+
+
+def _torch_state(module, params) -> dict:
+    """``params`` of a headless, class-token-pooled ``module`` as the state dict (numpy) of
+    ``torch_reference.ViT``: torch's (out, in) Linear and (D, 3, P, P) conv layouts."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    t = p["Transformer"]
+    state = {
+        "patch_embed.weight": p["embedding"]["kernel"].transpose(3, 2, 0, 1),
+        "patch_embed.bias": p["embedding"]["bias"],
+        "cls": p["cls"],
+        "pos_embed": t["posembed_input"]["pos_embedding"],
+        "norm.weight": t["encoder_norm"]["scale"],
+        "norm.bias": t["encoder_norm"]["bias"],
+    }
+    for i in range(module.depth):
+        block, name = t[f"encoderblock_{i}"], f"blocks.{i}."
+        att, mlp = block["MultiHeadDotProductAttention_0"], block["MlpBlock_0"]
+        qkv = [att[n]["kernel"].reshape(D, D).T for n in ("query", "key", "value")]
+        state[name + "qkv.weight"] = np.concatenate(qkv)
+        state[name + "qkv.bias"] = np.concatenate(
+            [att[n]["bias"].reshape(D) for n in ("query", "key", "value")]
+        )
+        state[name + "proj.weight"] = att["out"]["kernel"].reshape(D, D).T
+        state[name + "proj.bias"] = att["out"]["bias"]
+        for ours, theirs in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
+            state[f"{name}{theirs}.weight"] = block[ours]["scale"]
+            state[f"{name}{theirs}.bias"] = block[ours]["bias"]
+        for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+            state[f"{name}{theirs}.weight"] = mlp[ours]["kernel"].T
+            state[f"{name}{theirs}.bias"] = mlp[ours]["bias"]
+    return state
+
+
+def test_exact_gelu_vit_matches_a_pytorch_vit_and_tanh_gelu_does_not(images, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import torch_reference
+
+    exact, params = _tiny("tok", num_classes=0, activation="gelu_exact")
+    twin = torch_reference.ViT(exact, IMAGE).eval()
+    twin.load_state_dict({k: torch.tensor(v) for k, v in _torch_state(exact, params).items()})
+    assert twin.blocks[0].activation is torch.nn.functional.gelu  # approximate="none"
+    with torch.no_grad():
+        expected = twin(torch.tensor(np.asarray(images).transpose(0, 3, 1, 2))).numpy()
+    assert np.abs(expected).max() > 0.5
+    # The same weights with flax's default tanh GELU too, in one compiled program.
+    modules = (exact, exact.clone(activation="gelu_tanh"))
+    forward = jax.jit(lambda params: [m.apply({"params": params}, images)[0] for m in modules])
+    got, tanh = forward(params)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert np.abs(np.asarray(tanh) - expected).max() > 1e-4  # measured 4.5e-4
+
+
+def _built_backbone(config):
+    """``backbones.build(config)``'s backbone, its weights only traced (``jax.eval_shape``)."""
+    built = []
+
+    def build(rng):
+        built.append(backbones.build(config, image_size=IMAGE, rng=rng))
+        return built[0][1]
+
+    jax.eval_shape(build, jax.random.key(0))
+    return built[0][0]
+
+
+def test_backbone_activation_defaults_to_the_checkpoint_family_and_reaches_the_modules(
+    monkeypatch,
+):
+    assert backbones.activation(backbones.default_config("vit_b16")) == "gelu_tanh"
+    assert backbones.activation(backbones.default_config("clip_b32")) == "quick_gelu"
+    assert _built_backbone(backbones.default_config("vit_tiny4")).module.activation == "gelu_tanh"
+    # CLIP's build reads its logit scale as a number: zero weights of the right shapes instead.
+    init = clip.init_params
+
+    def zeros(name, rng, *, image_size):
+        shapes = jax.eval_shape(functools.partial(init, name, image_size=image_size), rng)
+        return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
+
+    monkeypatch.setattr(clip, "init_params", zeros)
+    config = backbones.default_config("clip_tiny4", activation="gelu_exact")
+    assert backbones.activation(config) == "gelu_exact"
+    backbone = _built_backbone(config)
+    # open_clip builds both towers with one activation, so the text tower follows.
+    assert (backbone.module.activation, backbone.text.module.activation) == ("gelu_exact",) * 2
+    with pytest.raises(
+        ValueError,
+        match=r"unknown backbone.activation 'gelu'; valid choices: "
+        r"\['', 'gelu_tanh', 'gelu_exact', 'quick_gelu'\]",
+    ):
+        _built_backbone(backbones.default_config("vit_tiny4", activation="gelu"))

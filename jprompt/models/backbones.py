@@ -78,6 +78,10 @@ def default_config(name: str, **overrides) -> ConfigDict:
             pool="tok",
             dropout_rate=0.0,
             representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
+            # the MLP's, as the checkpoint was trained: "" = the family's (vit_*: gelu_tanh as
+            # vit_jax / big_vision; clip_*: quick_gelu, both towers) | gelu_tanh | gelu_exact
+            # (PyTorch-trained weights: timm, DINOv2, MAE; VPT's code) | quick_gelu
+            activation="",
             compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
             param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
             remat=False,  # recompute each block in the backward: less memory, ~1 more forward
@@ -87,6 +91,13 @@ def default_config(name: str, **overrides) -> ConfigDict:
     )
     config.update(overrides)
     return config
+
+
+def activation(config: ConfigDict) -> str:
+    """``config.activation``, with "" resolved to the default of the backbone's family."""
+    if config.activation:
+        return config.activation
+    return clip.ACTIVATION if config.name in clip.NAMES else vit.DEFAULT_ACTIVATION
 
 
 def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backbone, dict]:
@@ -100,6 +111,7 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
     ``config.param_dtype`` the dtype the returned (frozen) parameters are stored in, and
     ``config.remat`` rematerialises every encoder block in the backward pass, and
     ``config.attention`` picks how self-attention is computed (``vit.ATTENTIONS``).
+    ``config.activation`` is the MLP activation (see ``activation``); with CLIP, both towers'.
     """
     if config.name not in NAMES:
         raise ValueError(f"unknown backbone {config.name!r}; valid choices: {list(NAMES)}")
@@ -112,6 +124,11 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
         raise ValueError(
             f"unknown backbone.attention {config.attention!r}; valid choices: {vit.ATTENTIONS}"
         )
+    if activation(config) not in vit.ACTIVATIONS:
+        raise ValueError(
+            f"unknown backbone.activation {config.activation!r}; valid choices: "
+            f"{['', *vit.ACTIVATIONS]} ('' = the backbone family's default)"
+        )
     if config.name in clip.NAMES:
         backbone, params = _build_clip(config, image_size=image_size, rng=rng)
     else:
@@ -119,8 +136,13 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
     return backbone, jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
 
 
-def _speed_options(config: ConfigDict) -> dict:
-    return dict(dtype=DTYPES[config.compute_dtype], remat=config.remat, attention=config.attention)
+def _module_options(config: ConfigDict) -> dict:
+    return dict(
+        dtype=DTYPES[config.compute_dtype],
+        remat=config.remat,
+        attention=config.attention,
+        activation=activation(config),
+    )
 
 
 def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):
@@ -130,7 +152,7 @@ def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):
         pool=config.pool,
         dropout_rate=config.dropout_rate,
         representation_size=config.representation_size or None,
-        **_speed_options(config),
+        **_module_options(config),
     )
     _check_image_size(config.name, image_size, module.patch_size)
     backbone = Backbone(config.name, module, image_size, VIT_NORMALIZATION)
@@ -165,7 +187,7 @@ def _build_clip(config: ConfigDict, *, image_size: int, rng: jax.Array):
             f"{config.pool!r}, {config.representation_size})"
         )
     module = clip.image_tower(
-        config.name, dropout_rate=config.dropout_rate, **_speed_options(config)
+        config.name, dropout_rate=config.dropout_rate, **_module_options(config)
     )
     _check_image_size(config.name, image_size, module.patch_size)
     if config.checkpoint:
@@ -180,6 +202,7 @@ def _build_clip(config: ConfigDict, *, image_size: int, rng: jax.Array):
             config.name,
         )
         params = clip.init_params(config.name, rng, image_size=image_size)
-    text = TextEncoder(clip.text_tower(config.name), params["text"], float(params["logit_scale"]))
+    text_tower = clip.text_tower(config.name, activation=activation(config))
+    text = TextEncoder(text_tower, params["text"], float(params["logit_scale"]))
     backbone = Backbone(config.name, module, image_size, CLIP_NORMALIZATION, text=text)
     return backbone, params["image"]

@@ -33,6 +33,9 @@ VOCAB_SIZE = 49408
 LAYERNORM_EPS = 1e-5
 HEAD_WIDTH = 64  # CLIP's attention heads are 64 wide in both towers
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature
+# The MLP activation of OpenAI's models (and open_clip's ``-quickgelu`` ones) in both towers;
+# open_clip's other models use the exact GELU ("gelu_exact"), also in both (one ``act_layer``).
+ACTIVATION = "quick_gelu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,7 @@ def image_tower(name: str, **overrides: Any) -> vit.VisionTransformer:
         patch_bias=False,
         pre_norm=True,
         layernorm_epsilon=LAYERNORM_EPS,
-        activation="quick_gelu",
+        activation=ACTIVATION,
         projection_dim=v.embed_dim,
     )
     return vit.VisionTransformer(**{**fields, **overrides})
@@ -107,6 +110,7 @@ class TextTransformer(nn.Module):
     num_heads: int
     embed_dim: int
     vocab_size: int = VOCAB_SIZE
+    activation: str = ACTIVATION
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -126,7 +130,7 @@ class TextTransformer(nn.Module):
             mlp_dim=4 * self.width,
             num_heads=self.num_heads,
             layernorm_epsilon=LAYERNORM_EPS,
-            activation="quick_gelu",
+            activation=self.activation,
             causal=True,
             dtype=self.dtype,
             name="Transformer",

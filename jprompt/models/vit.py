@@ -89,7 +89,16 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.gelu, "quick_gelu": quick_gelu}
+def gelu_exact(x):
+    """The erf GELU of PyTorch's ``nn.GELU()``, which PyTorch-trained ViTs (timm, torchvision,
+    DINOv2, MAE) and VPT's official code compute; flax's ``nn.gelu`` is the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+# The MLP activation must be the one the checkpoint was trained with: the tanh approximation
+# differs from the exact GELU by up to 4.7e-4 (at |x| = 2.7), enough to move a ViT's logits.
+ACTIVATIONS = {"gelu_tanh": nn.gelu, "gelu_exact": gelu_exact, "quick_gelu": quick_gelu}
+DEFAULT_ACTIVATION = "gelu_tanh"  # vit_jax and big_vision checkpoints were trained with it
 
 
 def parse_name(name: str) -> tuple[str, int]:
@@ -120,15 +129,20 @@ def create(name: str, *, num_classes: int = 0, **overrides: Any) -> "VisionTrans
 
 
 class MlpBlock(nn.Module):
-    """Dense -> activation (GELU) -> Dropout -> Dense -> Dropout, initialised as in vit_jax."""
+    """Dense -> activation (one of ``ACTIVATIONS``) -> Dropout -> Dense -> Dropout, initialised
+    as in vit_jax."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
-    activation: str = "gelu"
+    activation: str = DEFAULT_ACTIVATION
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {self.activation!r}; valid choices: {list(ACTIVATIONS)}"
+            )
         inits = dict(
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6),
@@ -268,7 +282,7 @@ class Encoder1DBlock(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     layernorm_epsilon: float = LAYERNORM_EPS
-    activation: str = "gelu"
+    activation: str = DEFAULT_ACTIVATION
     causal: bool = False
     attention: str = "heads_major"
     dtype: Any = jnp.float32
@@ -371,7 +385,7 @@ class Encoder(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     layernorm_epsilon: float = LAYERNORM_EPS
-    activation: str = "gelu"
+    activation: str = DEFAULT_ACTIVATION
     causal: bool = False
     pre_norm: bool = False
     remat: bool = False
@@ -453,7 +467,8 @@ class VisionTransformer(nn.Module):
     are created float32 and may be passed in another storage dtype (cast where used).
     ``remat`` rematerialises each encoder block in the backward pass (see ``Encoder``), and
     ``attention`` (one of ``ATTENTIONS``) picks how self-attention is computed (see
-    ``MultiHeadDotProductAttention``).
+    ``MultiHeadDotProductAttention``). ``activation`` (one of ``ACTIVATIONS``) is the MLP's:
+    "gelu_tanh" for vit_jax / big_vision checkpoints, "gelu_exact" for PyTorch-trained ones.
 
     The fields after ``head_bias_init`` make CLIP's image tower out of the same module
     (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
@@ -476,7 +491,7 @@ class VisionTransformer(nn.Module):
     patch_bias: bool = True
     pre_norm: bool = False
     layernorm_epsilon: float = LAYERNORM_EPS
-    activation: str = "gelu"
+    activation: str = DEFAULT_ACTIVATION
     projection_dim: int | None = None
     remat: bool = False
     attention: str = "heads_major"
