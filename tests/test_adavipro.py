@@ -74,6 +74,9 @@ def test_parameter_counts_at_224_match_the_documented_numbers():
     assert count(abstract_init(narrow)[0]["params"]["prompter"]) == PROMPTER_EMBED_8
     rgb = methods.build("adavipro", backbone=backbone, num_classes=100, edge_input="rgb")
     assert count(abstract_init(rgb)[0]["params"]["prompter"]) == VP_TEMPLATE + 196_672 + 130
+    # prompt_size 112: the template covers the whole 224 px image, as VP's PadPrompter allows.
+    whole = methods.build("adavipro", backbone=backbone, num_classes=100, prompt_size=112)
+    assert count(abstract_init(whole)[0]["params"]["prompter"]["template"]) == 150_528
 
 
 def test_shapes_at_224_with_seven_by_seven_regions():

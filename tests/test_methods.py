@@ -60,8 +60,24 @@ def test_padding_prompt_fills_only_the_border():
 
 
 def test_padding_prompt_that_does_not_fit_fails():
-    with pytest.raises(ValueError, match="prompt_size 16 does not fit a 32px image"):
-        vp.init_padding(jax.random.PRNGKey(0), image_size=32, prompt_size=16)
+    with pytest.raises(ValueError, match="prompt_size 17 does not fit a 32px image"):
+        vp.init_padding(jax.random.PRNGKey(0), image_size=32, prompt_size=17)
+
+
+def test_padding_prompt_of_half_the_image_covers_it_all():
+    # The official PadPrompter at prompt_size = image_size / 2: empty side strips, and
+    # 2 * 3 * 112 * 224 = 150,528 parameters at 224 px (one of AdaViPro's headline sizes).
+    method = methods.build(
+        "vp", backbone=make_backbone("vit_b16", 224), num_classes=100, prompt_size=112
+    )
+    trained, _ = jax.eval_shape(
+        method.init, jax.random.PRNGKey(0), abstract_backbone_params(method.backbone)
+    )
+    assert count(trained["params"]["prompter"]) == 150_528
+    params = vp.init_padding(jax.random.PRNGKey(0), image_size=32, prompt_size=16)
+    assert set(params) == {"pad_up", "pad_down"}  # the empty side strips are left out
+    frame = np.asarray(vp.padding_prompt(params))
+    np.testing.assert_array_equal(frame, np.concatenate([params["pad_up"], params["pad_down"]]))
 
 
 def test_vp_adds_the_prompt_in_normalized_space_before_the_backbone():

@@ -28,11 +28,16 @@ PROMPTERS = ("padding", "fixed_patch", "random_patch")
 
 
 def init_padding(rng: jax.Array, image_size: int, prompt_size: int) -> dict:
-    """The four strips of a padding prompt, N(0, 1)."""
-    if not 0 < 2 * prompt_size < image_size:
+    """The four strips of a padding prompt, N(0, 1).
+
+    Up to ``prompt_size = image_size / 2``, where the frame covers the whole image, as the
+    official PadPrompter allows (150,528 parameters at 224 px); its side strips are then empty
+    and left out (orbax cannot save zero-size arrays).
+    """
+    if not 0 < 2 * prompt_size <= image_size:
         raise ValueError(
             f"prompt_size {prompt_size} does not fit a {image_size}px image: "
-            f"need 0 < 2 * prompt_size < image_size"
+            f"need 0 < 2 * prompt_size <= image_size"
         )
     inner = image_size - 2 * prompt_size
     shapes = {
@@ -45,11 +50,14 @@ def init_padding(rng: jax.Array, image_size: int, prompt_size: int) -> dict:
     return {
         name: jax.random.normal(key, shape, jnp.float32)
         for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+        if inner or name in ("pad_up", "pad_down")
     }
 
 
 def padding_prompt(params: dict) -> jax.Array:
     """Assemble the ``(S, S, 3)`` frame: strips on the border, zeros inside."""
+    if "pad_left" not in params:  # prompt_size = S / 2: top and bottom strips meet
+        return jnp.concatenate([params["pad_up"], params["pad_down"]], axis=0)
     inner = params["pad_left"].shape[0]
     centre = jnp.zeros((inner, inner, 3), params["pad_left"].dtype)
     middle = jnp.concatenate([params["pad_left"], centre, params["pad_right"]], axis=1)
