@@ -17,6 +17,9 @@ Groups:
   training set once lr / wd were chosen on ``val200``.
 - CoOp's splits (``coop/<name>``): the ``split_zhou_*.json`` files of CoOp, when the user has
   CoOp's dataset folders (``CoopSplit``).
+- PGN's protocol (``pgn_preset``, ``PGN_DATASETS``): its 12 datasets as PGN's code reads them,
+  CoOp's split files with train and val merged, its own RESISC45 split (``pgn/resisc45``,
+  ``PgnSplit``), the whole train split of CIFAR, SVHN and CLEVR, and its class names.
 - FGVC (``fgvc/<name>``, VPT's fine-grained benchmark): tfds builders, 10% of train held out
   (VPT's own split files are random 10% too). NABirds is not in tfds: see ``LOCAL_FOLDER``.
 - ``jprompt_shapes/*``, the offline demo datasets.
@@ -589,11 +592,15 @@ COOP_DATASETS = {
     "sun397": ("split_zhou_SUN397.json", "SUN397", 397),
     "ucf101": ("split_zhou_UCF101.json", "UCF-101-midframes", 101),
 }
+# PGN's own split of RESISC45 (jochemloedeman/PGN data/resisc45/resisc45_json.json and
+# data/README.md): CoOp's format, 18,900 / 6,300 / 6,300 images of images/<class>/<file>.jpg.
+PGN_SPLIT_DATASETS = {"resisc45": ("resisc45_json.json", "images", 45)}
 
 
 class CoopSplit(tfds.core.GeneratorBasedBuilder):
     """The train / val / test splits of CoOp's ``split_zhou_<Dataset>.json`` files (Zhou et al.
-    2022, also used by CoCoOp, MaPLe and others), over the user's copy of CoOp's dataset folder.
+    2022, also used by CoCoOp, MaPLe, PGN and others), over the user's copy of CoOp's dataset
+    folder.
 
     Reads ``<manual_dir>/coop/<config>/split_zhou_*.json``, whose entries are ``[image path
     relative to the dataset's image directory, label, class name]``, and the images under
@@ -603,7 +610,10 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in COOP_DATASETS]
+    FOLDER = "coop"  # under the manual_dir
+    DATASETS = COOP_DATASETS
+    SOURCE = "CoOp's folder of the dataset (github.com/KaiyangZhou/CoOp, DATASETS.md)"
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in DATASETS]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Copy CoOp's folder of the dataset (its split_zhou_*.json beside the image directory) "
         "to <manual_dir>/coop/<config>/."
@@ -614,8 +624,16 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         name = self.builder_config.name
-        split_file, images, _ = COOP_DATASETS[name]
-        root = dl_manager.manual_dir / "coop" / name
+        split_file, images, _ = self.DATASETS[name]
+        root = dl_manager.manual_dir / self.FOLDER / name
+        image_dir = f"{images}/" if images else "the image folders"
+        if not (root / split_file).exists():
+            raise FileNotFoundError(
+                f"split file {root / split_file} not found: {root} must hold {split_file} (a "
+                "JSON object whose 'train', 'val' and 'test' lists hold [image path, label, "
+                f"class name]) beside {image_dir}, the directory those paths are relative to; "
+                f"both come from {self.SOURCE}"
+            )
         splits = json.loads((root / split_file).read_text())
         names = {label: class_name for _, label, class_name in splits["train"]}
         self.info.features["label"].names = [names[label] for label in range(len(names))]
@@ -634,8 +652,26 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
             yield path, {"image": image_root / path, "label": label}
 
 
+class PgnSplit(CoopSplit):
+    """PGN's split files in CoOp's format (``PGN_SPLIT_DATASETS``), read from
+    ``<manual_dir>/pgn/<config>/``."""
+
+    FOLDER = "pgn"
+    DATASETS = PGN_SPLIT_DATASETS
+    SOURCE = (
+        "PGN's data/resisc45/resisc45_json.json (github.com/jochemloedeman/PGN) and the "
+        "NWPU-RESISC45 class folders"
+    )
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in DATASETS]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        "Put PGN's split file beside the image directory into <manual_dir>/pgn/<config>/."
+    )
+
+
 COOP_SPLIT = CoopSplit.name
-LOCAL_BUILDERS = (LOCAL_FOLDER, COOP_SPLIT)  # prepared from local files, never downloaded
+PGN_SPLIT = PgnSplit.name
+# Prepared from local files, never downloaded.
+LOCAL_BUILDERS = (LOCAL_FOLDER, COOP_SPLIT, PGN_SPLIT)
 
 
 def _unversioned(name, tfds_name, num_classes, group, source, **kw) -> Preset:
@@ -657,6 +693,20 @@ _COOP_PRESETS = tuple(
     )
     for name, (split_file, images, classes) in COOP_DATASETS.items()
 )
+_PGN_SPLIT_PRESETS = (
+    _unversioned(
+        "pgn/resisc45",
+        f"{PGN_SPLIT}/resisc45",
+        45,
+        "coop",
+        "PGN (Loedeman et al.), resisc45_json.json",
+        download=(
+            "put PGN's resisc45_json.json (data/resisc45/ of github.com/jochemloedeman/PGN) into "
+            "<manual_dir>/pgn/resisc45/ and the NWPU-RESISC45 class folders under "
+            "<manual_dir>/pgn/resisc45/images/ (images/<class>/<class>_<nnn>.jpg)"
+        ),
+    ),
+)
 
 _DEMO_PRESETS = tuple(
     _unversioned(
@@ -670,13 +720,19 @@ _DEMO_PRESETS = tuple(
 )
 
 PRESETS = {
-    p.name: p for p in _VP_PRESETS + _VTAB_PRESETS + _FGVC_PRESETS + _COOP_PRESETS + _DEMO_PRESETS
+    p.name: p
+    for p in _VP_PRESETS
+    + _VTAB_PRESETS
+    + _FGVC_PRESETS
+    + _COOP_PRESETS
+    + _PGN_SPLIT_PRESETS
+    + _DEMO_PRESETS
 }
 VTAB_TASKS = tuple(p.name for p in _VTAB_PRESETS)
 FGVC_TASKS = tuple(p.name for p in _FGVC_PRESETS)
 VP_DATASETS = tuple(p.name for p in _VP_PRESETS)
 GROUPS = ("vp", "vtab-natural", "vtab-specialized", "vtab-structured", "fgvc", "coop", "demo")
-_PREFIXES = ("vtab/", "fgvc/", "coop/")
+_PREFIXES = ("vtab/", "fgvc/", "coop/", "pgn/")
 
 
 def get(name: str) -> Preset:
@@ -718,4 +774,109 @@ def manual_download_help(builder: tfds.core.DatasetBuilder, data_dir_root: str) 
         f" Without network, put the source files{listed} into {manual_dir} and run "
         f"`tfds build {builder.name} --data_dir {data_dir_root} --manual_dir {manual_dir}`."
         + "".join(notes)
+    )
+
+
+# --- PGN's protocol (Loedeman et al.; github.com/jochemloedeman/PGN) ---
+
+# PGN's dataset -> (the preset holding its data and splits, the split PGN trains on). Its
+# datamodules (pgn/datamodules/*_datamodule.py) read CoOp's split files, or PGN's own for
+# RESISC45, through pgn/datasets/json_dataset.py, which appends the "val" list to "train"; the
+# others train on the whole torchvision train split. All of them validate and test on the test
+# split, so PGN holds nothing out: the preset's val split here lies inside the training data
+# and only monitors (select the last state). Which checkpoint the paper reports is unclear
+# (the training scripts keep the 5 lowest test-loss ones and the last).
+PGN_DATASETS = {
+    "cifar10": ("cifar10", "train"),
+    "cifar100": ("cifar100", "train"),
+    "dtd": ("coop/dtd", "train+validation"),
+    "oxford_flowers102": ("coop/oxford_flowers", "train+validation"),
+    "food101": ("coop/food101", "train+validation"),
+    "eurosat": ("coop/eurosat", "train+validation"),
+    "sun397": ("coop/sun397", "train+validation"),
+    "ucf101": ("coop/ucf101", "train+validation"),
+    "oxford_iiit_pet": ("coop/oxford_pets", "train+validation"),
+    "svhn": ("svhn_cropped", "train"),  # torchvision SVHN "train" (73,257), not "extra"
+    "resisc45": ("pgn/resisc45", "train+validation"),
+    # data/create_clevr_annotations.py: every CLEVR train scene; CLEVR val is the test split.
+    "clevr_count": ("clevr_count", "train"),
+}
+
+# CoOp's renaming of a dataset's own class names (KaiyangZhou/CoOp datasets/eurosat.py
+# NEW_CNAMES; datasets/sun397.py read_data drops the letter folder and puts words like
+# "indoor" first).
+_COOP_EUROSAT_NAMES = {
+    "AnnualCrop": "Annual Crop Land",
+    "Forest": "Forest",
+    "HerbaceousVegetation": "Herbaceous Vegetation Land",
+    "Highway": "Highway or Road",
+    "Industrial": "Industrial Buildings",
+    "Pasture": "Pasture Land",
+    "PermanentCrop": "Permanent Crop Land",
+    "Residential": "Residential Buildings",
+    "River": "River",
+    "SeaLake": "Sea or Lake",
+}
+
+
+def _coop_sun397_name(name: str) -> str:
+    """``/a/apartment_building/outdoor`` -> ``outdoor apartment_building``."""
+    return " ".join(reversed(name.strip("/").split("/")[1:]))
+
+
+# Where tfds's label list gives CoOp's class names in CoOp's label order: tfds's list, sorted
+# where CoOp sorts the class folders (datasets/dtd.py read_and_split_data, also used for
+# EuroSAT and Food101; tfds's Food101 list has cheesecake before cheese_plate), renamed as CoOp
+# renames. Oxford Pets: both number the annotation file's class ids; SUN397: both follow
+# ClassName.txt; RESISC45: PGN's file has tfds's names in tfds's order.
+_NAMES_FROM_TFDS = {
+    "dtd": (sorted, str),
+    "eurosat": (sorted, _COOP_EUROSAT_NAMES.__getitem__),
+    "food101": (sorted, str),
+    "oxford_iiit_pet": (list, str),
+    "sun397": (list, _coop_sun397_name),
+    "resisc45": (list, str),
+}
+# CoOp's Flowers names come from its cat_to_name.json and its UCF101 order from classInd.txt,
+# which tfds's lists do not reproduce exactly: there the split file's names are used.
+_NAMES_FROM_SPLIT_FILE = ("oxford_flowers102", "ucf101")
+
+
+def _pgn_name(name: str) -> str:
+    """The words PGN puts into its template: ``_`` as a space, lower case (its datamodules'
+    index_to_classes and _create_prompts)."""
+    return name.replace("_", " ").lower()
+
+
+def _pgn_class_names(name: str) -> tuple[str, ...]:
+    """The class names PGN's zero-shot head uses for its dataset ``name``, in label order, as
+    they enter the template; () where only the split file has them (read at run time)."""
+    if name in _NAMES_FROM_SPLIT_FILE:
+        return ()
+    if name in _NAMES_FROM_TFDS:
+        order, rename = _NAMES_FROM_TFDS[name]
+        tfds_names = tfds.builder(PRESETS[name].tfds_spec).info.features["label"].names
+        names = [rename(n) for n in order(tfds_names)]
+    else:  # torchvision's CIFAR class names, SVHN digits, CLEVR counts: the presets' own
+        names = PRESETS[PGN_DATASETS[name][0]].class_names
+    return tuple(_pgn_name(n) for n in names)
+
+
+def pgn_preset(name: str) -> Preset:
+    """The preset of PGN's protocol for its dataset ``name`` (a key of ``PGN_DATASETS``): the
+    data and splits of ``PGN_DATASETS[name]``, trained on PGN's training split, with PGN's
+    class names and templates."""
+    if name not in PGN_DATASETS:
+        close = difflib.get_close_matches(name, list(PGN_DATASETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown PGN dataset {name!r}{hint} Valid choices: {sorted(PGN_DATASETS)}"
+        )
+    preset_name, train = PGN_DATASETS[name]
+    preset = PRESETS[preset_name]
+    return dataclasses.replace(
+        preset,
+        train=train,
+        class_names=_pgn_class_names(name) or preset.class_names,
+        source=f"PGN protocol (jochemloedeman/PGN) over {preset.source}",
     )
