@@ -17,6 +17,12 @@ from ml_collections import ConfigDict
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
+# How the linear warmup starts, with u one schedule unit (a step, or an epoch's steps) and t the
+# step rounded down to its unit: lr = base * w(t) / warmup_steps, where w(t) is
+#   "from_zero": t (the first unit trains at lr 0),
+#   "vp": t + u (VP's utils.cosine_lr: the first step at base / warmup, base reached at the end),
+#   "pgn": max(t, u) (PGN's CosineWithWarmup: the first epoch at base / warmup, as the second).
+WARMUP_RULES = ("from_zero", "vp", "pgn")
 
 
 def path_str(path) -> str:
@@ -32,21 +38,27 @@ def warmup_cosine(
     end_lr_factor: float = 0.0,
     kind: str = "cosine",
     steps_per_epoch: int | None = None,
+    warmup_rule: str = "from_zero",
 ) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to ``base_lr * end_lr_factor`` (or constant).
+    """Linear warmup (``WARMUP_RULES``), then cosine decay to ``base_lr * end_lr_factor`` (or
+    constant).
 
     With ``steps_per_epoch`` the schedule is stepped per epoch, as in the official VPT and PGN
     code: the step count is rounded down to the start of its epoch before evaluating it.
     """
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; valid choices: {SCHEDULES}")
+    if warmup_rule not in WARMUP_RULES:
+        raise ValueError(f"unknown warmup_rule {warmup_rule!r}; valid choices: {WARMUP_RULES}")
     warmup_steps = min(warmup_steps, total_steps)
+    unit = steps_per_epoch or 1
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         if steps_per_epoch:
             step = jnp.floor(step / steps_per_epoch) * steps_per_epoch
-        warm = base_lr * step / max(warmup_steps, 1)
+        warmed = {"from_zero": step, "vp": step + unit, "pgn": jnp.maximum(step, unit)}
+        warm = base_lr * warmed[warmup_rule] / max(warmup_steps, 1)
         if kind == "constant":
             decayed = jnp.asarray(base_lr, jnp.float32)
         else:
@@ -106,7 +118,7 @@ def build(
 
     ``config`` fields: name, lr, lr_by_path, momentum, nesterov, b1, b2, weight_decay,
     grad_clip_norm, schedule, warmup_steps, warmup_epochs (added to warmup_steps),
-    end_lr_factor, schedule_unit.
+    warmup_rule, end_lr_factor, schedule_unit.
     """
     if config.schedule_unit not in SCHEDULE_UNITS:
         raise ValueError(
@@ -121,6 +133,7 @@ def build(
             end_lr_factor=config.end_lr_factor,
             kind=config.schedule,
             steps_per_epoch=steps_per_epoch if config.schedule_unit == "epoch" else None,
+            warmup_rule=config.warmup_rule,
         )
         for label, lr in lrs.items()
     }

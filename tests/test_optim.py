@@ -91,3 +91,38 @@ def test_warmup_epochs_add_to_warmup_steps():
     # Warmup of 5 + 10 steps: halfway at step 7.5, full at 15.
     assert float(schedules["default"](15)) == pytest.approx(1.0)
     assert float(schedules["default"](6)) == pytest.approx(6 / 15)
+
+
+def test_warmup_rules_restate_the_official_vp_and_pgn_schedules():
+    # VP (hjbahng/visual_prompting utils.cosine_lr): step s < W gets base * (s + 1) / W, then
+    # 0.5 * (1 + cos(pi * (s - W) / (S - W))) * base.
+    base, warmup, total = 40.0, 10, 50
+    vp = optim.warmup_cosine(base_lr=base, total_steps=total, warmup_steps=warmup, warmup_rule="vp")
+    for s in range(total):
+        if s < warmup:
+            expected = base * (s + 1) / warmup
+        else:
+            expected = 0.5 * (1 + np.cos(np.pi * (s - warmup) / (total - warmup))) * base
+        assert float(vp(s)) == pytest.approx(expected, rel=1e-5, abs=1e-5), s
+    # PGN (jochemloedeman/PGN CosineWithWarmup, stepped per epoch, eta_min = lr / 100): epoch 0
+    # and 1 at lr / W, epoch e < W at e * lr / W, epoch W at lr, then cosine to lr / 100.
+    lr, warmup_epochs, epochs, per_epoch = 0.1, 50, 100, 3
+    pgn = optim.warmup_cosine(
+        base_lr=lr,
+        total_steps=epochs * per_epoch,
+        warmup_steps=warmup_epochs * per_epoch,
+        end_lr_factor=0.01,
+        steps_per_epoch=per_epoch,
+        warmup_rule="pgn",
+    )
+    eta = lr / 100
+    for e in range(epochs):
+        if e < warmup_epochs:
+            expected = max(e, 1) * lr / warmup_epochs
+        else:
+            progress = (e - warmup_epochs) / (epochs - warmup_epochs)
+            expected = eta + (lr - eta) * (1 + np.cos(np.pi * progress)) / 2
+        for step in (e * per_epoch, e * per_epoch + per_epoch - 1):
+            assert float(pgn(step)) == pytest.approx(expected, rel=1e-5), (e, step)
+    with pytest.raises(ValueError, match="unknown warmup_rule 'late'.*from_zero"):
+        optim.warmup_cosine(base_lr=1, total_steps=1, warmup_steps=0, warmup_rule="late")
