@@ -135,9 +135,18 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     config.input = ConfigDict(
         dict(
             image_size=DEMO_IMAGE_SIZE if demo else 224,
-            train_crop=preset.train_crop,  # resize | random_resized_crop | resize_random_crop
-            eval_crop=preset.eval_crop,  # resize | resize_center_crop
+            # jprompt.data.preprocess.PreprocessSpec: crops, interpolation, augmentation
+            train_crop=preset.train_crop,
+            eval_crop=preset.eval_crop,
+            resize="bilinear_antialias",  # bilinear_antialias | bilinear | bicubic
+            train_resize="",  # the train crop's interpolation, where it differs; "" = resize
+            augment="none",  # none | pgn
             flip=preset.flip,
+            # "" = the backbone's own (its checkpoint's); minus_one_to_one | clip | imagenet
+            normalization="",
+            # False keeps every epoch's last, partial batch (padded and masked), as PyTorch's
+            # DataLoader(drop_last=False) in the VPT and VP code
+            drop_last=True,
             shuffle_buffer=10_000,
             # Leave out examples whose image does not decode (counted in a warning) instead of
             # stopping with an error that names them.
@@ -170,6 +179,7 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             schedule="cosine",  # cosine | constant
             warmup_steps=0,
             warmup_epochs=0.0,  # added to warmup_steps
+            warmup_rule="from_zero",  # from_zero | vp | pgn (jprompt.optim.WARMUP_RULES)
             end_lr_factor=0.0,
             schedule_unit="step",  # step | epoch (the schedule advances once per epoch)
         )

@@ -31,8 +31,9 @@ from jprompt.data import pipeline
 from jprompt.data.preprocess import PreprocessSpec
 
 # The train crops that ignore their seed, and the eval crop that computes the same pixels
-# (``jprompt.data.preprocess``: both "resize" are a plain resize to the image size).
-DETERMINISTIC_TRAIN_CROPS = {"resize": "resize"}
+# (``jprompt.data.preprocess``: both "resize" squash to the image size, both "center_crop"
+# scale the shorter side and take the central square).
+DETERMINISTIC_TRAIN_CROPS = {"resize": "resize", "center_crop": "center_crop"}
 LOG_EVERY_S = 30.0  # progress of an extraction, which is the long part on real data
 
 
@@ -43,17 +44,23 @@ def train_spec(spec: PreprocessSpec) -> PreprocessSpec:
     cannot follow a new crop or flip every epoch.
     """
     random = [f"config.input.flip={spec.flip}"] if spec.flip else []
+    if spec.augment != "none":
+        random.append(f"config.input.augment={spec.augment!r}")
     if spec.train_crop not in DETERMINISTIC_TRAIN_CROPS:
         random.insert(0, f"config.input.train_crop={spec.train_crop!r}")
     if random:
         raise ValueError(
             "config.method.cache_features=True computes each training image's features once, "
             f"but {' and '.join(random)} augment(s) the training images at random every epoch. "
-            f"Set config.input.train_crop to one of {sorted(DETERMINISTIC_TRAIN_CROPS)} and "
-            "config.input.flip=False, or config.method.cache_features=False to keep the "
-            "augmentation."
+            f"Set config.input.train_crop to one of {sorted(DETERMINISTIC_TRAIN_CROPS)}, "
+            "config.input.flip=False and config.input.augment='none', or "
+            "config.method.cache_features=False to keep the augmentation."
         )
-    return dataclasses.replace(spec, eval_crop=DETERMINISTIC_TRAIN_CROPS[spec.train_crop])
+    return dataclasses.replace(
+        spec,
+        eval_crop=DETERMINISTIC_TRAIN_CROPS[spec.train_crop],
+        resize=spec.train_resize or spec.resize,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,23 +162,40 @@ def train_iterator(
     seed: int,
     start_step: int = 0,
     shuffle_buffer: int = 10_000,
+    steps_per_epoch: int | None = None,
 ) -> Iterator[dict]:
     """Endless host-local batches ``{"image": features, "label"}``, from step ``start_step`` on.
 
     The order is ``pipeline.train_iterator``'s: the same seeded shuffle (buffer, per-process
     seed, reshuffled every pass) over the same examples, drawn as positions into ``cached``, so
     step ``s`` trains on the features of exactly the images the uncached step ``s`` would.
+    ``steps_per_epoch`` (the trainer's, with ``drop_last=False``) gives its epochs and padding:
+    batches then carry the ``"mask"`` of ``pipeline.train_iterator(drop_last=False)``.
     """
     batch = global_batch_size // jax.process_count()
-    order = pipeline.shuffled_forever(
-        tf.data.Dataset.range(len(cached.labels)),
-        seed=seed,
-        process_index=jax.process_index(),
-        buffer=shuffle_buffer,
+    positions = tf.data.Dataset.range(len(cached.labels))
+    options = dict(seed=seed, process_index=jax.process_index(), buffer=shuffle_buffer)
+    if steps_per_epoch is None:
+        order = pipeline.shuffled_forever(positions, **options).skip(start_step * batch)
+        order = order.batch(batch, drop_remainder=True)
+        for taken in order.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+            yield {"image": cached.features[taken], "label": cached.labels[taken]}
+        return
+    order = pipeline.padded_epochs(
+        positions,
+        num_examples=len(cached.labels),
+        batches_per_epoch=steps_per_epoch,
+        batch=batch,
+        start_step=start_step,
+        **options,
     )
-    order = order.skip(start_step * batch).batch(batch, drop_remainder=True)
-    for positions in order.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-        yield {"image": cached.features[positions], "label": cached.labels[positions]}
+    order = order.map(lambda slot, item: item).batch(batch, drop_remainder=True)
+    for taken, mask in order.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        real = mask > 0  # padding: zero features and label 0, as the pipeline pads images
+        features = np.zeros((batch, *cached.features.shape[1:]), cached.features.dtype)
+        features[real] = cached.features[taken[real]]
+        labels = np.where(real, cached.labels[taken], 0).astype(cached.labels.dtype)
+        yield {"image": features, "label": labels, "mask": mask}
 
 
 def eval_iterator(cached: Features, *, global_batch_size: int) -> Iterator[dict]:

@@ -1,7 +1,8 @@
 """Classification metrics as ``clu.metrics`` collections, computed inside jit.
 
-Every metric takes an optional per-example ``mask`` so that padded evaluation batches count
-only their real examples; ``num_examples`` makes that count visible in the results.
+Every metric takes an optional per-example ``mask`` so that padded batches (evaluation, and
+training with ``drop_last=False``) count only their real examples; ``num_examples`` makes that
+count visible in the results.
 """
 
 import flax
@@ -60,16 +61,19 @@ NO_STEP = jnp.iinfo(jnp.int32).max  # FirstNonFiniteStep's value while every ste
 def first_nonfinite_step(output: str) -> type[metrics.Metric]:
     """A metric holding the first ``step`` at which model output ``output`` held a NaN or Inf
     (``NO_STEP`` if none): the training loop reports exactly where things went wrong, however
-    many steps it merges between its checks."""
+    many steps it merges between its checks. ``output`` is per example; masked examples are
+    padding and not looked at."""
 
     @flax.struct.dataclass
     class FirstNonFiniteStep(metrics.Metric):
         step: jnp.ndarray
 
         @classmethod
-        def from_model_output(cls, *, step, **model_output):
-            finite = jnp.isfinite(model_output[output]).all()
-            return cls(step=jnp.where(finite, NO_STEP, step).astype(jnp.int32))
+        def from_model_output(cls, *, step, mask=None, **model_output):
+            finite = jnp.isfinite(model_output[output])
+            if mask is not None:
+                finite = finite | (mask == 0).reshape(mask.shape + (1,) * (finite.ndim - 1))
+            return cls(step=jnp.where(finite.all(), NO_STEP, step).astype(jnp.int32))
 
         @classmethod
         def empty(cls):
@@ -86,7 +90,8 @@ def first_nonfinite_step(output: str) -> type[metrics.Metric]:
 
 @flax.struct.dataclass
 class Training(metrics.Collection):
-    """``Classification``'s metrics of training steps, and the first step with non-finite values.
+    """``Classification``'s metrics of training steps (``loss`` of each example, so a window's
+    mean weighs a partial batch by its size), and the first step with non-finite values.
 
     (Written out: clu collections take their fields from the class's own annotations.)
     """

@@ -312,10 +312,12 @@ def _define_flags() -> None:
     flags.mark_flag_as_required("mode")
 
 
-def _at_model_size(image: tf.Tensor, size: int, crop: str = "resize") -> np.ndarray:
+def _at_model_size(
+    image: tf.Tensor, size: int, crop: str = "resize", resize: str = preprocess.DEFAULT_RESIZE
+) -> np.ndarray:
     """uint8 ``(H, W, 3)`` -> uint8 ``(size, size, 3)``, as the evaluation pipeline crops."""
     if tuple(image.shape[:2]) != (size, size):
-        image = tf.round(preprocess.EVAL_CROPS[crop](image, size))
+        image = tf.round(preprocess.EVAL_CROPS[crop](image, size, resize))
     return np.asarray(image, np.uint8)
 
 
@@ -340,7 +342,8 @@ def dataset_images(config, split: str, count: int | None = None) -> tuple[np.nda
     for example in ds.take(-1 if count is None else count):
         encoded, label = example_map.fn(example)
         image = example_map.decode(encoded)
-        images.append(_at_model_size(image, config.input.image_size, config.input.eval_crop))
+        inputs = config.input
+        images.append(_at_model_size(image, inputs.image_size, inputs.eval_crop, inputs.resize))
         labels.append(int(label))
     return np.stack(images), np.array(labels, np.int32)
 

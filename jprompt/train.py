@@ -84,6 +84,7 @@ class Experiment:
     def train_batches(self, start_step: int = 0):
         """Host-local training batches, resuming the data order at ``start_step``."""
         data = self.config.dataset
+        drop_last = self.config.input.drop_last
         if self.features is not None:
             return feature_cache.train_iterator(
                 self.features.get(data.train_split, feature_cache.train_spec(self.spec)),
@@ -91,6 +92,7 @@ class Experiment:
                 seed=self.config.seed,
                 start_step=start_step,
                 shuffle_buffer=self.config.input.shuffle_buffer,
+                steps_per_epoch=None if drop_last else self.steps_per_epoch,
             )
         return pipeline.train_iterator(
             data.name,
@@ -101,6 +103,7 @@ class Experiment:
             start_step=start_step,
             data_dir=data.data_dir or None,
             shuffle_buffer=self.config.input.shuffle_buffer,
+            drop_last=drop_last,
             **self._example_options(),
         )
 
@@ -178,7 +181,13 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             f"{train_info.num_classes} classes: the preset does not fit this dataset. Choose the "
             "dataset with the config arg dataset=NAME, or set config.dataset.num_classes=0"
         )
-    steps_per_epoch = train_info.num_examples // config.batch_size
+    # drop_last=False (VPT's loader) also counts the last, partial batch of every epoch.
+    steps_per_epoch = pipeline.steps_per_epoch(
+        train_info.num_examples,
+        config.batch_size,
+        drop_last=config.input.drop_last,
+        skip_undecodable=config.input.skip_undecodable,
+    )
     if steps_per_epoch == 0:
         raise ValueError(
             f"batch size {config.batch_size} is larger than the {train_info.num_examples} "
@@ -191,6 +200,10 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
     backbone, backbone_params = backbones.build(
         config.backbone, image_size=config.input.image_size, rng=backbone_rng
     )
+    if config.input.normalization:
+        # A protocol that feeds a checkpoint other pixels than it was trained on (VPT: ImageNet
+        # mean/std into vit_jax weights): the method, pictures and prompt inversion follow it.
+        backbone = dataclasses.replace(backbone, normalization=config.input.normalization)
     method_options = {k: v for k, v in config.method.items() if k != "name"}
     method = methods.build(
         config.method.name,
@@ -210,13 +223,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         "opt_state": tx.init(trained["params"]),
     }
     replicated = sharding.replicated(mesh)
-    spec = PreprocessSpec(
-        image_size=config.input.image_size,
-        train_crop=config.input.train_crop,
-        eval_crop=config.input.eval_crop,
-        flip=config.input.flip,
-        normalization=backbone.normalization,
-    )
+    spec = preprocess_spec(config.input, backbone)
     if cache:
         feature_cache.train_spec(spec)  # refuse random augmentation before any work
     step_method = method.on_features() if cache else method
@@ -256,6 +263,20 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             num_batches=experiment.num_eval_batches,
         )
     return experiment
+
+
+def preprocess_spec(inputs: ConfigDict, backbone) -> PreprocessSpec:
+    """``config.input`` as the pipeline's spec, normalized as ``backbone`` expects."""
+    return PreprocessSpec(
+        image_size=inputs.image_size,
+        train_crop=inputs.train_crop,
+        eval_crop=inputs.eval_crop,
+        flip=inputs.flip,
+        normalization=backbone.normalization,
+        resize=inputs.resize,
+        train_resize=inputs.train_resize or None,
+        augment=inputs.augment,
+    )
 
 
 HEADS = ("linear", "zeroshot")

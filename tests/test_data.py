@@ -182,8 +182,9 @@ def test_eval_resize_is_identity_at_same_size_and_center_crop_keeps_the_middle()
     out = preprocess.eval_transform(image, PreprocessSpec(32)).numpy()
     np.testing.assert_allclose(out, image / 127.5 - 1, atol=1e-6)
 
-    # Wide image: left half black, right half white. Shorter side -> 37 (= 32 * 256 / 224),
-    # width -> 74, central 32 columns: the edge lands in the middle of the crop.
+    # Wide image: left half black, right half white. Shorter side -> 36 (= 32 * 256 // 224, as
+    # VPT's 224 -> 256 and 384 -> 438), width -> 72, central 32 columns: the edge lands in the
+    # middle of the crop.
     wide = np.zeros((40, 80, 3), np.uint8)
     wide[:, 40:] = 255
     spec = PreprocessSpec(32, eval_crop="resize_center_crop")
@@ -191,7 +192,7 @@ def test_eval_resize_is_identity_at_same_size_and_center_crop_keeps_the_middle()
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out[:, :14], -1.0, atol=1e-6)
     np.testing.assert_allclose(out[:, 18:], 1.0, atol=1e-6)
-    assert preprocess.resize_size(224) == 256 and preprocess.resize_size(32) == 37
+    assert preprocess.resize_size(224) == 256 and preprocess.resize_size(32) == 36
 
     tall = np.zeros((90, 20, 3), np.uint8)
     assert preprocess.eval_transform(tall, PreprocessSpec(16)).shape == (16, 16, 3)
@@ -232,7 +233,7 @@ def test_flip_is_seeded_and_applies_to_some_seeds_only():
     [
         ("train_crop", "inception", "random_resized_crop"),
         ("eval_crop", "center", "resize_center_crop"),
-        ("normalization", "imagenet", "minus_one_to_one"),
+        ("normalization", "imagenet21k", "minus_one_to_one"),
     ],
 )
 def test_unknown_choices_list_the_valid_ones(field, value, valid):
@@ -244,7 +245,7 @@ def test_bad_image_size_and_normalization_name():
     with pytest.raises(ValueError, match="positive int"):
         PreprocessSpec(0)
     with pytest.raises(ValueError, match="clip"):
-        preprocess.normalize(np.zeros(3, np.float32), "imagenet")
+        preprocess.normalize(np.zeros(3, np.float32), "imagenet21k")
 
 
 # --- dataset_info ----------------------------------------------------------------------------

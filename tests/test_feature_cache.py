@@ -92,6 +92,7 @@ def test_backbone_runs_once_per_image_and_resumes_exactly(probe_config, tmp_path
     [
         ({"input.flip": True}, "but config.input.flip=True augment"),
         ({"input.train_crop": "random_resized_crop"}, "config.input.train_crop='random_resized"),
+        ({"input.augment": "pgn"}, "config.input.augment='pgn'"),
     ],
 )
 def test_random_augmentation_is_refused_naming_the_fix(probe_config, overrides, named):
@@ -99,7 +100,8 @@ def test_random_augmentation_is_refused_naming_the_fix(probe_config, overrides, 
         train.create_experiment(probe_config(**overrides))
     message = str(error.value)
     assert named in message
-    assert "Set config.input.train_crop to one of ['resize'] and config.input.flip=False" in message
+    assert "Set config.input.train_crop to one of ['center_crop', 'resize']" in message
+    assert "config.input.flip=False and config.input.augment='none'" in message
     assert "or config.method.cache_features=False to keep the augmentation" in message
     # Without the cache the augmentation trains as asked.
     config = probe_config(**overrides, **{"method.cache_features": False})

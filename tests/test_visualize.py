@@ -30,7 +30,7 @@ def test_to_unit_range_inverts_both_normalizations_and_clips():
     np.testing.assert_allclose(visualize.to_unit_range(clip, "clip"), pixels, atol=1e-6)
     assert visualize.to_unit_range(np.full((1, 1, 1, 3), 5.0), "minus_one_to_one").max() == 1.0
     with pytest.raises(ValueError, match="unknown normalization"):
-        visualize.to_unit_range(pixels, "imagenet")
+        visualize.to_unit_range(pixels, "imagenet21k")
 
 
 def test_png_round_trip(tmp_path):

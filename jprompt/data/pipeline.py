@@ -9,7 +9,10 @@ Training is deterministic and resumable: the shuffle is seeded (and reshuffles e
 and each example's augmentation seed is derived from ``(seed, process_index, k)`` where ``k``
 is the example's position in this process's stream. ``start_step=s`` skips the first
 ``s * batch`` encoded examples before any decoding, and then yields exactly the batches an
-uninterrupted run would have yielded from step ``s`` on.
+uninterrupted run would have yielded from step ``s`` on. By default the stream is endless and
+only full batches are made (``drop_last=True``); ``drop_last=False`` makes it epoch by epoch, as
+PyTorch's ``DataLoader(drop_last=False)`` of the official VPT code does: every example once per
+epoch and the last batch partial, padded to full size with ``mask == 0`` examples.
 
 Evaluation reads every example once, pads the last batch, and gives all processes the same
 number of batches (padding marked by ``mask == 0``), so a multi-host evaluation never waits on
@@ -328,6 +331,69 @@ def shuffled_forever(
     return ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
 
 
+def steps_per_epoch(
+    num_examples: int, global_batch_size: int, *, drop_last: bool, skip_undecodable: bool = False
+) -> int:
+    """Training steps in one pass over ``num_examples``: the full batches (``drop_last``), or
+    every batch, the last one partial (PyTorch's ``drop_last=False``: 800 examples at 128 make
+    7 steps)."""
+    _check_drop_last(drop_last, skip_undecodable)
+    if drop_last:
+        return num_examples // global_batch_size
+    return math.ceil(num_examples / global_batch_size)
+
+
+def _check_drop_last(drop_last: bool, skip_undecodable: bool) -> None:
+    if not drop_last and skip_undecodable:
+        raise ValueError(
+            "drop_last=False (config.input.drop_last) counts every example of the split into "
+            "the epoch's batches, but skip_undecodable=True (config.input.skip_undecodable) "
+            "may leave some out: set drop_last=True, or skip_undecodable=False (an undecodable "
+            "image then fails naming it)"
+        )
+
+
+def padded_epochs(
+    examples: tf.data.Dataset,
+    *,
+    num_examples: int,
+    batches_per_epoch: int,
+    batch: int,
+    seed: int,
+    process_index: int,
+    buffer: int,
+    start_step: int,
+) -> tf.data.Dataset:
+    """``examples`` (``num_examples`` of them) as endless epochs of ``batches_per_epoch * batch``
+    elements ``(slot, (example, mask))``, from step ``start_step`` on: each epoch is one pass in
+    its own shuffled order (mask 1.0), then zeros of the examples' structure (mask 0.0).
+
+    ``slot`` counts the elements from the start of training. The order of epoch ``e`` is a
+    function of ``(seed, process_index, e)`` alone, so resuming skips whole epochs unread.
+    Every process passes the same ``batches_per_epoch``: collective steps stay in step.
+    """
+    per_epoch = batches_per_epoch * batch
+    if num_examples > per_epoch:
+        raise ValueError(
+            f"{num_examples} examples do not fit in {batches_per_epoch} batches of {batch}; "
+            f"pass batches_per_epoch={math.ceil(num_examples / batch)} or more"
+        )
+    blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), examples.element_spec)
+    padding = tf.data.Dataset.from_tensors((blank, 0.0)).repeat(per_epoch - num_examples)
+
+    def epoch(index):
+        # A fingerprint (FarmHash), stable across runs and machines, as the epoch's shuffle seed.
+        name = tf.strings.format("{}/{}/{}", (seed, process_index, index))
+        order_seed = tf.strings.to_hash_bucket_fast(name, 2**63 - 1)
+        order = examples.shuffle(buffer, seed=order_seed, reshuffle_each_iteration=False)
+        real = tf.data.Dataset.from_tensors(1.0).repeat()
+        return tf.data.Dataset.zip((order, real)).concatenate(padding)
+
+    first_epoch, offset = divmod(start_step, batches_per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
+    return ds.enumerate(start=first_epoch * per_epoch).skip(offset * batch)
+
+
 def train_iterator(
     name: str,
     split: str,
@@ -343,6 +409,7 @@ def train_iterator(
     label_map: str = "",
     num_classes: int | None = None,
     skip_undecodable: bool = False,
+    drop_last: bool = True,
 ) -> Iterator[dict]:
     """Endless shuffled, augmented host-local batches ``{"image", "label"}``.
 
@@ -353,23 +420,51 @@ def train_iterator(
     ``label`` features). Labels must lie in ``[0, num_classes)`` (default: the label map's or
     the label feature's classes); an undecodable image fails naming it, or is left out with
     ``skip_undecodable``.
+
+    ``drop_last=False``: epochs of ``steps_per_epoch(split size, global_batch_size,
+    drop_last=False)`` batches, each example once per epoch, and a float32 ``"mask"`` (0.0 on the
+    zero images padding the last batch, and the batches a smaller process share needs to match
+    the largest).
     """
     index, count, batch = _process(process_index, process_count, global_batch_size)
     builder = load_builder(name, data_dir)
     share = _share(builder, name, split, index, count, label_map, num_classes)
     if not share.size:
         raise ValueError(f"{name}:{split} has no examples for process {index} of {count}")
+    _check_drop_last(drop_last, skip_undecodable)
     ds, _ = share.examples(skip_undecodable=skip_undecodable)
     ds = ds.map(lambda position, encoded, label: (encoded, label))
-    ds = shuffled_forever(ds, seed=seed, process_index=index, buffer=shuffle_buffer)
-    ds = ds.enumerate().skip(start_step * batch)  # skip encoded bytes: cheap
     base_seed = tf.constant([seed, index], tf.int64)
 
-    def prepare(position, example):
-        encoded, label = example
+    def augment(position, encoded):
         example_seed = tf.random.fold_in(base_seed, position)
-        image = train_transform(share.example_map.decode(encoded), example_seed, spec)
-        return {"image": image, "label": label}
+        return train_transform(share.example_map.decode(encoded), example_seed, spec)
+
+    if drop_last:
+        ds = shuffled_forever(ds, seed=seed, process_index=index, buffer=shuffle_buffer)
+        ds = ds.enumerate().skip(start_step * batch)  # skip encoded bytes: cheap
+
+        def prepare(position, example):
+            encoded, label = example
+            return {"image": augment(position, encoded), "label": label}
+
+    else:
+        ds = padded_epochs(
+            ds,
+            num_examples=share.size,
+            batches_per_epoch=_eval_plan(builder, split, count, batch)[1],
+            batch=batch,
+            seed=seed,
+            process_index=index,
+            buffer=shuffle_buffer,
+            start_step=start_step,
+        )
+        blank = tf.zeros([spec.image_size, spec.image_size, 3], tf.float32)
+
+        def prepare(position, item):
+            (encoded, label), mask = item
+            image = tf.cond(mask > 0, lambda: augment(position, encoded), lambda: blank)
+            return {"image": image, "label": label, "mask": mask}
 
     ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE)
     ds = _deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))

@@ -5,24 +5,50 @@ an explicit ``seed`` tensor of shape ``(2,)``. The input pipeline derives that s
 run's seed and the example's position in the stream, so an example's augmentation depends only
 on (seed, position): a resumed run sees exactly the pixels an uninterrupted run would.
 
-Crops and normalizations are chosen by name from the small registries below; ``PreprocessSpec``
-checks the names when it is built.
+The geometry restates torchvision on PIL images, as the papers' official code ran it:
+``Resize(s)`` scales the shorter side to ``s`` and the longer to ``int(s * long / short)``
+(truncated); ``CenterCrop(s)`` starts at ``int(round((h - s) / 2))`` (Python's round, half to
+even); ``RandomCrop(s)`` draws its offsets uniformly. Pixels stay float after a resize, where PIL
+rounds to uint8 (a difference under half an 8-bit level), except in the "pgn" augmentation,
+which works on 8-bit levels as PIL does.
+
+Resizes, crops, augmentations and normalizations are chosen by name from the small registries
+below; ``PreprocessSpec`` checks the names when it is built.
 """
 
 import dataclasses
+import functools
+import math
 
 import tensorflow as tf
 
-from jprompt.data.normalization import CLIP_MEAN, CLIP_STD
+# CLIP_MEAN and CLIP_STD are re-exported: callers import them from here too.
+from jprompt.data.normalization import CLIP_MEAN as CLIP_MEAN
+from jprompt.data.normalization import CLIP_STD as CLIP_STD
+from jprompt.data.normalization import MEAN_STD
 
 # Inception-style crop ranges (as in the ResNet/ViT ImageNet recipes).
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# torchvision's RandomResizedCrop: tries before its fallback crop.
+RRC_ATTEMPTS = 10
+
+# PGN's training augmentation (jochemloedeman/PGN datamodules and train scripts' defaults):
+# RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.4)], p=0.8), RandomGrayscale(0.2),
+# RandomApply([Solarize()], p=0.2), Solarize being PIL's ImageOps.solarize (threshold 128).
+PGN_JITTER = 0.4
+PGN_JITTER_P = 0.8
+PGN_GRAYSCALE_P = 0.2
+PGN_SOLARIZE_P = 0.2
+SOLARIZE_THRESHOLD = 128
 
 
 def resize_size(image_size: int) -> int:
-    """The ImageNet convention of resizing to 256 before cropping 224, at any image size."""
-    return round(image_size * 256 / 224)
+    """The ImageNet convention of resizing to 256 before cropping 224, at any image size.
+
+    Truncated, as VPT's table has it (224 -> 256, 384 -> 438, 448 -> 512).
+    """
+    return image_size * 256 // 224
 
 
 def decode_image(encoded_bytes: tf.Tensor) -> tf.Tensor:
@@ -32,36 +58,83 @@ def decode_image(encoded_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
-    # Bilinear with antialiasing: a proper low-pass when shrinking large photos; its weights
-    # are non-negative, so values stay within [0, 255].
-    return tf.image.resize(tf.cast(image, tf.float32), [height, width], antialias=True)
+# --- Resizes -----------------------------------------------------------------------------------
+
+# name -> (tf.image.resize method, antialias). TF's antialiased kernels scale their support
+# when shrinking, as PIL's resize does (torchvision on PIL images); its bicubic is Keys' a=-0.5,
+# PIL's too. VPT's VTAB code calls tf.image.resize with its defaults: bilinear, no antialias.
+RESIZES = {
+    "bilinear_antialias": ("bilinear", True),
+    "bilinear": ("bilinear", False),
+    "bicubic": ("bicubic", True),
+}
+DEFAULT_RESIZE = "bilinear_antialias"
 
 
-def _resize_square(image: tf.Tensor, size: int) -> tf.Tensor:
-    return _resize(image, size, size)
+def _resize(image: tf.Tensor, height, width, resize: str) -> tf.Tensor:
+    method, antialias = RESIZES[resize]
+    out = tf.image.resize(tf.cast(image, tf.float32), [height, width], method, antialias=antialias)
+    # Bilinear weights are non-negative, cubic ones are not: PIL clips to [0, 255].
+    return tf.clip_by_value(out, 0.0, 255.0) if method == "bicubic" else out
 
 
-def _resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = size / tf.reduce_min(shape)
-    # max() guards against rounding the shorter side just below ``size``.
-    new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-    return _resize(image, new_shape[0], new_shape[1])
+def _resize_shorter_side(image: tf.Tensor, size: int, resize: str) -> tf.Tensor:
+    """torchvision's ``Resize(size)``: shorter side to ``size``, longer ``int(size*long/short)``
+    (integer floor division gives exactly Python's ``int()`` of the float quotient here)."""
+    shape = tf.shape(image, out_type=tf.int64)[:2]
+    new_shape = tf.cast(size * shape // tf.reduce_min(shape), tf.int32)
+    return _resize(image, new_shape[0], new_shape[1], resize)
 
 
 def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    shape = tf.shape(image)
-    top, left = (shape[0] - size) // 2, (shape[1] - size) // 2
+    """torchvision's ``CenterCrop(size)``; tf.round rounds half to even, as Python's round."""
+    shape = tf.shape(image)[:2]
+    top, left = tf.unstack(tf.cast(tf.round(tf.cast(shape - size, tf.float32) / 2), tf.int32))
     return image[top : top + size, left : left + size]
 
 
-def _train_resize(image, seed, size):
+def _scale_1_window(height, width, seed):
+    """``(top, left, h, w)`` of torchvision's ``RandomResizedCrop.get_params`` with
+    ``scale=(1, 1)``, ratio (3/4, 4/3): each attempt draws a log-uniform aspect ratio ``r`` and
+    tries ``w = round(sqrt(A r))``, ``h = round(sqrt(A / r))`` (``A = height * width``); the
+    first that fits is placed at a uniform offset; if none of the 10 fits, a central crop of
+    the whole image clamped to the ratio range."""
+    ratio_seed, offset_seed = tf.unstack(tf.random.split(seed, 2))
+    h, w = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+    lo, hi = CROP_ASPECT_RATIO_RANGE
+    log_ratio = tf.random.stateless_uniform(
+        [RRC_ATTEMPTS], ratio_seed, math.log(lo), math.log(hi), tf.float64
+    )
+    ratio = tf.exp(log_ratio)
+    tries_w = tf.cast(tf.round(tf.sqrt(h * w * ratio)), tf.int32)
+    tries_h = tf.cast(tf.round(tf.sqrt(h * w / ratio)), tf.int32)
+    fits = (tries_w <= width) & (tries_h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))  # index of the first fit (0 when none fits)
+
+    in_ratio = w / h
+    fallback_h = tf.where(in_ratio < lo, tf.cast(tf.round(w / lo), tf.int32), height)
+    fallback_w = tf.where(in_ratio > hi, tf.cast(tf.round(h * hi), tf.int32), width)
+    found = tf.reduce_any(fits)
+    crop_h = tf.where(found, tries_h[first], fallback_h)
+    crop_w = tf.where(found, tries_w[first], fallback_w)
+    # Uniform integer offsets in [0, height - crop_h] and [0, width - crop_w] (torch.randint).
+    spans = tf.cast(tf.stack([height - crop_h, width - crop_w]) + 1, tf.float64)
+    draws = tf.random.stateless_uniform([2], offset_seed, dtype=tf.float64)
+    random_offsets = tf.cast(tf.floor(draws * spans), tf.int32)
+    central = tf.stack([height - crop_h, width - crop_w]) // 2
+    top, left = tf.unstack(tf.where(found, random_offsets, central))
+    return top, left, crop_h, crop_w
+
+
+# --- Crops: train ones take (image, seed, size, resize), eval ones (image, size, resize) -------
+
+
+def _train_resize(image, seed, size, resize):
     del seed  # deterministic
-    return _resize_square(image, size)
+    return _resize(image, size, size, resize)
 
 
-def _train_random_resized_crop(image, seed, size):
+def _train_random_resized_crop(image, seed, size, resize):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -69,40 +142,207 @@ def _train_random_resized_crop(image, seed, size):
         min_object_covered=0.0,
         aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
         area_range=CROP_AREA_RANGE,
-        max_attempts=10,
+        max_attempts=RRC_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
-    return _resize_square(tf.slice(image, begin, crop_size), size)
+    return _resize(tf.slice(image, begin, crop_size), size, size, resize)
 
 
-def _train_resize_random_crop(image, seed, size):
-    image = _resize_square(image, resize_size(size))
+def _train_random_resized_crop_scale_1(image, seed, size, resize):
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = _scale_1_window(shape[0], shape[1], seed)
+    return _resize(image[top : top + crop_h, left : left + crop_w], size, size, resize)
+
+
+def _train_resize_random_crop(image, seed, size, resize):
+    image = _resize_shorter_side(image, resize_size(size), resize)
     return tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
 
 
-def _eval_resize(image, size):
-    return _resize_square(image, size)
+def _train_center_crop(image, seed, size, resize):
+    del seed  # deterministic
+    return _eval_center_crop(image, size, resize)
 
 
-def _eval_resize_center_crop(image, size):
-    return _center_crop(_resize_shorter_side(image, resize_size(size)), size)
+# The eval crops' resize defaults to today's, for callers that crop without a spec (serve.py).
+def _eval_resize(image, size, resize=DEFAULT_RESIZE):
+    return _resize(image, size, size, resize)
 
 
-def _minus_one_to_one(image):
-    return image / 127.5 - 1.0
+def _eval_resize_center_crop(image, size, resize=DEFAULT_RESIZE):
+    return _center_crop(_resize_shorter_side(image, resize_size(size), resize), size)
 
 
-def _clip(image):
-    return (image / 255.0 - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+def _eval_center_crop(image, size, resize=DEFAULT_RESIZE):
+    return _center_crop(_resize_shorter_side(image, size, resize), size)
 
 
 TRAIN_CROPS = {
     "resize": _train_resize,
     "random_resized_crop": _train_random_resized_crop,
     "resize_random_crop": _train_resize_random_crop,
+    "center_crop": _train_center_crop,
+    "random_resized_crop_scale_1": _train_random_resized_crop_scale_1,
 }
-EVAL_CROPS = {"resize": _eval_resize, "resize_center_crop": _eval_resize_center_crop}
-NORMALIZATIONS = {"minus_one_to_one": _minus_one_to_one, "clip": _clip}
+EVAL_CROPS = {
+    "resize": _eval_resize,
+    "resize_center_crop": _eval_resize_center_crop,
+    "center_crop": _eval_center_crop,
+}
+
+
+# --- PGN's augmentation: PIL's 8-bit colour ops, restated ---------------------------------------
+
+
+def _luma(image: tf.Tensor) -> tf.Tensor:
+    """PIL's ``convert("L")`` of integer levels: ITU-R 601-2 in 16-bit fixed point, rounded."""
+    r, g, b = tf.unstack(tf.cast(image, tf.int32), num=3, axis=-1)
+    return tf.cast((r * 19595 + g * 38470 + b * 7471 + 0x8000) // 0x10000, tf.float32)
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """PIL's ``Image.blend`` (every ``ImageEnhance`` op): float32, clipped, truncated to 8 bits."""
+    mixed = degenerate + factor * (image - degenerate)
+    return tf.floor(tf.clip_by_value(mixed, 0.0, 255.0))
+
+
+def _brightness(image, factor):
+    return _blend(tf.zeros_like(image), image, factor)
+
+
+def _contrast(image, factor):
+    mean = tf.reduce_mean(tf.cast(_luma(image), tf.float64))
+    return _blend(tf.cast(tf.floor(mean + 0.5), tf.float32), image, factor)
+
+
+def _saturation(image, factor):
+    return _blend(_luma(image)[..., None], image, factor)
+
+
+# PIL's HSV -> RGB: which of (v, t, p, q) each output channel takes, per hue sector 0..5.
+_HSV_SECTORS = tf.constant([[0, 1, 2], [3, 0, 2], [2, 0, 1], [2, 3, 0], [1, 2, 0], [0, 2, 3]])
+
+
+def _hue(image, factor):
+    """torchvision's ``adjust_hue`` on PIL images: to PIL's 8-bit HSV, hue plus
+    ``uint8(factor * 255)`` with wrap-around, back to RGB; float32/float64 as PIL's C code."""
+    rgb = tf.cast(image, tf.int32)
+    r, g, b = tf.unstack(rgb, num=3, axis=-1)
+    v, low = tf.reduce_max(rgb, -1), tf.reduce_min(rgb, -1)
+    grey = v == low
+    chroma = tf.cast(tf.where(grey, 1, v - low), tf.float32)
+    s = tf.cast(v - low, tf.float32) / tf.cast(tf.maximum(v, 1), tf.float32)
+    rc, gc, bc = (tf.cast(v - c, tf.float32) / chroma for c in (r, g, b))
+    rc64, gc64, bc64 = (tf.cast(c, tf.float64) for c in (rc, gc, bc))
+    from_g, from_b = (tf.cast(x, tf.float32) for x in (2.0 + rc64 - bc64, 4.0 + gc64 - rc64))
+    sixths = tf.where(r == v, bc - gc, tf.where(g == v, from_g, from_b))
+    turn = tf.cast(sixths, tf.float64) / 6.0 + 1.0
+    turn = tf.cast(turn - tf.floor(turn), tf.float32)  # fmod(., 1) of a positive number
+    hue = tf.where(grey, 0, tf.cast(tf.cast(turn, tf.float64) * 255.0, tf.int32))
+    sat = tf.where(grey, 0, tf.cast(tf.cast(s, tf.float64) * 255.0, tf.int32))
+
+    shift = tf.cast(tf.cast(factor, tf.float64) * 255.0, tf.int32)  # truncates toward zero
+    hue = tf.math.floormod(hue + shift, 256)
+
+    h6 = tf.cast(hue, tf.float64) * 6.0 / 255.0
+    sector = tf.floor(h6)
+    frac = tf.cast(tf.cast(h6 - sector, tf.float32), tf.float64)
+    fs32 = tf.cast(tf.cast(sat, tf.float64) / 255.0, tf.float32)
+    fs = tf.cast(fs32, tf.float64)
+    vf = tf.cast(v, tf.float64)
+
+    def level(x):  # C's round (half away from zero) of a non-negative value, clipped to 8 bits
+        return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+
+    p = level(vf * (1.0 - fs))
+    q = level(vf * (1.0 - tf.cast(fs32 * tf.cast(frac, tf.float32), tf.float64)))
+    t = level(vf * (1.0 - fs * (1.0 - frac)))
+    candidates = tf.stack([vf, t, p, q], -1)
+    channels = tf.gather(_HSV_SECTORS, tf.cast(sector, tf.int32) % 6)
+    out = tf.gather(candidates, channels, batch_dims=2)
+    return tf.cast(tf.where((sat == 0)[..., None], vf[..., None], out), tf.float32)
+
+
+def _color_jitter(image, order, factors):
+    """torchvision's ``ColorJitter``: brightness, contrast, saturation, hue in ``order``."""
+    ops = (_brightness, _contrast, _saturation, _hue)
+    for step in range(len(ops)):
+        branches = [functools.partial(op, image, factors[i]) for i, op in enumerate(ops)]
+        image = tf.switch_case(order[step], branches)
+    return image
+
+
+def pgn_augment_params(seed: tf.Tensor) -> dict:
+    """The random draws of PGN's augmentation for one example, from ``seed`` only:
+    ``jitter``/``grayscale``/``solarize`` (bool: whether each op fires), ``order`` (int32
+    ``(4,)``: a permutation of brightness, contrast, saturation, hue) and ``factors`` (float32
+    ``(4,)``: brightness, contrast, saturation in [0.6, 1.4], hue in [-0.4, 0.4])."""
+    fire_seed, order_seed, factor_seed = tf.unstack(tf.random.split(seed, 3))
+    fire = tf.random.stateless_uniform([3], fire_seed)
+    order = tf.argsort(tf.random.stateless_uniform([4], order_seed))
+    low = tf.constant([1 - PGN_JITTER] * 3 + [-PGN_JITTER])
+    high = tf.constant([1 + PGN_JITTER] * 3 + [PGN_JITTER])
+    factors = low + (high - low) * tf.random.stateless_uniform([4], factor_seed)
+    return {
+        "jitter": fire[0] < PGN_JITTER_P,
+        "order": tf.cast(order, tf.int32),
+        "factors": factors,
+        "grayscale": fire[1] < PGN_GRAYSCALE_P,
+        "solarize": fire[2] < PGN_SOLARIZE_P,
+    }
+
+
+def pgn_augment(image: tf.Tensor, params: dict) -> tf.Tensor:
+    """PGN's colour augmentation on float ``(H, W, 3)`` pixels in [0, 255], with the draws
+    ``params`` (see ``pgn_augment_params``); returns float32 8-bit levels.
+
+    Restates, on the cropped image (PIL's uint8, so the input is rounded first): colour jitter
+    with p 0.8 (torchvision's ColorJitter(0.4, 0.4, 0.4, 0.4): PIL's ImageEnhance Brightness,
+    Contrast (blend with the rounded mean of the L image) and Color (blend with the L image), and
+    the hue shift in PIL's 8-bit HSV, in a random order), then grayscale with p 0.2 (PIL's L,
+    repeated), then solarize with p 0.2 (levels >= 128 become 255 - level). The only departure:
+    the draws come from TF's stateless generator instead of torch's global one; each op matches
+    PIL's integer output (checked against Pillow in tests/test_geometry.py).
+    """
+    image = tf.round(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0))
+    image = tf.cond(
+        params["jitter"],
+        lambda: _color_jitter(image, params["order"], params["factors"]),
+        lambda: image,
+    )
+    image = tf.cond(
+        params["grayscale"], lambda: tf.repeat(_luma(image)[..., None], 3, -1), lambda: image
+    )
+    return tf.where(params["solarize"] & (image >= SOLARIZE_THRESHOLD), 255.0 - image, image)
+
+
+def _no_augment(image, seed):
+    del seed
+    return image
+
+
+AUGMENTS = {
+    "none": _no_augment,
+    "pgn": lambda image, seed: pgn_augment(image, pgn_augment_params(seed)),
+}
+
+
+# --- Normalizations: the constants live in jprompt.data.normalization ---------------------------
+
+
+def _minus_one_to_one(image):
+    return image / 127.5 - 1.0
+
+
+def _standardize(mean, std):
+    # torchvision's ToTensor + Normalize order of float ops: x / 255, minus mean, over std.
+    return lambda image: (image / 255.0 - tf.constant(mean)) / tf.constant(std)
+
+
+NORMALIZATIONS = {
+    "minus_one_to_one": _minus_one_to_one,
+    **{name: _standardize(mean, std) for name, (mean, std) in MEAN_STD.items()},
+}
 
 
 def _check_choice(field: str, value: str, choices) -> None:
@@ -112,17 +352,38 @@ def _check_choice(field: str, value: str, choices) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessSpec:
-    """How images become model inputs.
+    """How images become model inputs (S = image_size).
 
     image_size: output height = width.
-    train_crop: "resize" (plain resize), "random_resized_crop" (Inception-style: area
-      (0.08, 1), aspect ratio (3/4, 4/3), then resize) or "resize_random_crop" (resize to
-      ``image_size * 256 / 224``, random crop).
-    eval_crop: "resize" or "resize_center_crop" (shorter side to ``image_size * 256 / 224``,
-      central crop).
+    train_crop:
+      "resize": squash to S x S.
+      "random_resized_crop": Inception-style: area (0.08, 1), aspect ratio (3/4, 4/3), then
+        squash to S x S.
+      "resize_random_crop": VPT's FGVC train: shorter side to ``resize_size(S)`` (256 at 224),
+        aspect kept, then a uniform random S x S window.
+      "center_crop": shorter side to S, central S x S (CLIP's preprocess, which VP trains with).
+      "random_resized_crop_scale_1": PGN's ``RandomResizedCrop(S, scale=(1, 1))``, then squash
+        to S x S. The window: a square image is kept whole (an attempt fits only when both sides
+        round to the full side). An aspect ratio within [3/4, 4/3] keeps the whole image, or
+        (a few percent of draws at 200 x 250, about 10% at 30 x 40) one pixel less on one side
+        at a random offset. Outside that range (e.g. 2:1) no attempt fits, unless the ratio is
+        within about a pixel of the range, and the fallback is the central window clamped to
+        the range: full height and width round(4/3 * height) for wide images, full width and
+        height round(4/3 * width) for tall ones. Its draws come from TF's stateless generator.
+    eval_crop: "resize" (squash), "resize_center_crop" (VPT's FGVC test: shorter side to
+      ``resize_size(S)``, central S x S) or "center_crop" (shorter side to S, central S x S:
+      CLIP's preprocess, PGN's test).
+    resize: the interpolation of every crop: "bilinear_antialias" (PIL's bilinear, as
+      torchvision runs it on PIL images), "bilinear" (tf.image.resize's default, no antialias:
+      VPT's VTAB) or "bicubic" (PIL's bicubic: CLIP's preprocess, PGN's train crop).
+    train_resize: the interpolation of the train crop when it differs from the eval one (PGN:
+      "bicubic" train, "bilinear_antialias" test); None uses ``resize``.
+    augment: "none" or "pgn" (PGN's colour jitter, grayscale and solarize; see ``pgn_augment``),
+      after the train crop and before the flip.
     flip: random horizontal flips at train time.
-    normalization: "minus_one_to_one" (x / 127.5 - 1, the vit_jax/big_vision range) or "clip"
-      ((x / 255 - CLIP_MEAN) / CLIP_STD).
+    normalization: "minus_one_to_one" (x / 127.5 - 1, the vit_jax/big_vision range), "clip"
+      ((x / 255 - CLIP_MEAN) / CLIP_STD) or "imagenet" ((x / 255 - IMAGENET_MEAN) /
+      IMAGENET_STD, as VPT feeds its ViT).
     """
 
     image_size: int
@@ -130,6 +391,9 @@ class PreprocessSpec:
     eval_crop: str = "resize"
     flip: bool = False
     normalization: str = "minus_one_to_one"
+    resize: str = DEFAULT_RESIZE
+    train_resize: str | None = None
+    augment: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size <= 0:
@@ -137,6 +401,10 @@ class PreprocessSpec:
         _check_choice("train_crop", self.train_crop, TRAIN_CROPS)
         _check_choice("eval_crop", self.eval_crop, EVAL_CROPS)
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        _check_choice("resize", self.resize, RESIZES)
+        if self.train_resize is not None:
+            _check_choice("train_resize", self.train_resize, RESIZES)
+        _check_choice("augment", self.augment, AUGMENTS)
 
 
 def normalize(image: tf.Tensor, kind: str) -> tf.Tensor:
@@ -148,7 +416,10 @@ def normalize(image: tf.Tensor, kind: str) -> tf.Tensor:
 def train_transform(image: tf.Tensor, seed: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
     """uint8 ``(H, W, 3)`` -> float32 ``(S, S, 3)``; a function of ``(image, seed)`` only."""
     crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-    image = TRAIN_CROPS[spec.train_crop](image, crop_seed, spec.image_size)
+    resize = spec.train_resize or spec.resize
+    image = TRAIN_CROPS[spec.train_crop](image, crop_seed, spec.image_size, resize)
+    # Its own stream, so adding the augmentation leaves the crop and flip draws unchanged.
+    image = AUGMENTS[spec.augment](image, tf.random.fold_in(seed, 1))
     if spec.flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image = tf.ensure_shape(image, [spec.image_size, spec.image_size, 3])
@@ -157,6 +428,6 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, spec: PreprocessSpec) -> 
 
 def eval_transform(image: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
     """uint8 ``(H, W, 3)`` -> float32 ``(S, S, 3)``, deterministic."""
-    image = EVAL_CROPS[spec.eval_crop](image, spec.image_size)
+    image = EVAL_CROPS[spec.eval_crop](image, spec.image_size, spec.resize)
     image = tf.ensure_shape(image, [spec.image_size, spec.image_size, 3])
     return normalize(image, spec.normalization)
