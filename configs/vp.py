@@ -15,7 +15,8 @@ Args (comma-separated after the file name):
   head=NAME       zeroshot or linear (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME    a preset of jprompt.data.presets (cifar10, eurosat, clevr_count, ...) or
                   any tfds name (default cifar100)
-  prompt_size=P   width of the frame, or side of the patch, in pixels (default 30 at 224px)
+  prompt_size=P   width of the frame, or side of the patch, in pixels (default 30 at 224px;
+                  the frame goes up to half the image, 112, where it covers all of it)
   prompter=NAME   padding (default: the frame), fixed_patch (one P x P patch at the top-left
                   corner) or random_patch (that patch at a random place on every forward pass,
                   evaluation included, as in the official code); see jprompt/methods/vp.py
@@ -28,12 +29,18 @@ Args (comma-separated after the file name):
                   prompter=random_patch 0.705)
 
 Recipe from the paper's code: SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs,
-1000 warmup steps, cosine decay per step. The linear head trained next to the prompt (see
-jprompt/methods/vp.py) uses lr 0.1. The demo trains 5 epochs: on the tiny CLIP an 8px frame at
-lr 10, on the tiny ViT a 4px frame at lr 1 and the head at lr 0.1.
+1000 warmup steps (step s at lr 40 (s + 1) / 1000), cosine decay per step, the template "This
+is a photo of a {}" on every dataset. With a CLIP backbone on VP's datasets the whole VP
+protocol applies (jprompt.protocols, recorded in results.json): CLIP's preprocess at train and
+test (shorter side to 224, bicubic, centre crop), training on everything but the test split,
+every epoch's last partial batch kept, the last epoch tested, and the official number (the best
+test accuracy over training) reported beside it, labelled. The linear head trained next to the
+prompt on a ViT (see jprompt/methods/vp.py) uses lr 0.1. The demo trains 5 epochs: on the tiny
+CLIP an 8px frame at lr 10, on the tiny ViT a 4px frame at lr 1 and the head at lr 0.1.
 """
 
-from jprompt import config_lib
+from jprompt import config_lib, protocols
+from jprompt.data import presets
 from jprompt.methods.vp import PROMPTERS
 
 
@@ -54,19 +61,19 @@ def get_config(arg=None):
     config.method.prompt_size = args.prompt_size
     config.method.prompter = args.prompter
     config.method.head_init = "zeros"
+    config.head.templates = protocols.VP_TEMPLATES  # VP's, on every dataset (main_clip.py)
 
     config.optim.lr = 40.0
     config.optim.lr_by_path = (("head/.*", 0.1),)  # a linear head, when there is one
     config.optim.warmup_steps = 1000
     config.num_epochs = 1000
     if args.demo:
-        # Through the tiny CLIP's frozen zero-shot head the prompt needs more room and a larger
-        # step than next to a trainable linear head (measured on jprompt_shapes/colors).
-        clip_demo = config_lib.is_clip(config.backbone.name)
-        demo_size, config.optim.lr = (8, 10.0) if clip_demo else (4, 1.0)
+        demo_size, config.optim.lr = config_lib.demo_pixel_prompt(config.backbone.name)
         config.method.prompt_size = demo_size if args.prompt_size == 30 else args.prompt_size
         config.optim.warmup_steps = 20
         config.num_epochs = 5
+    elif config.head.name == "zeroshot" and config.dataset.preset in presets.VP_DATASETS:
+        config_lib.apply_protocol(config, "vp")  # the paper's setting: CLIP, zero-shot head
     return config_lib.lock(config)
 
 

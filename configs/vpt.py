@@ -13,9 +13,12 @@ r"""VPT: learned prompt tokens in a frozen ViT, shallow or deep (Jia et al. 2022
 Args (comma-separated after the file name):
   deep            VPT-deep: a fresh set of tokens before every layer (default: shallow)
   num_tokens=P    prompt tokens per layer (default 10); P >= 100 halves the batch to 64
-  backbone=NAME   a backbone from jprompt.models.backbones.NAMES (default vit_b16, the augreg
-                  IN-21k file); on a CLIP backbone the tokens follow the class token and
-                  enter before ln_pre
+  backbone=NAME   a backbone from jprompt.models.backbones.NAMES (default vit_b16). VPT's own
+                  sizes (vit_b16, vit_l16, vit_h14) load the original IN-21k files VPT used
+                  (gs://vit_models/imagenet21k/ViT-B_16.npz ...) with exact GELU and ImageNet
+                  mean/std pixels, as VPT's PyTorch code runs them; other ViTs their augreg
+                  files. On a CLIP backbone the tokens follow the class token and enter before
+                  ln_pre
   head=NAME       linear or zeroshot (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME    a preset of jprompt.data.presets (vtab/dtd, fgvc/cub, cifar100, ...) or any
                   tfds name (default cifar100); the preset sets splits, classes, preprocessing
@@ -37,8 +40,12 @@ The defaults here are one point of that grid, not a tuned value: lr 0.25 x batch
 batch 128) and wd 1e-4 (the official base-prompt.yaml's default); override with
 ``--config.optim.lr=... --config.optim.weight_decay=...`` to search. The head (He-normal
 fan_out, bias -log(99)) trains with the same lr as the prompts, as in the official code.
-Images are resized to 224 with no augmentation (VPT's VTAB setting); the fgvc/* presets
-switch to VPT's FGVC augmentation (resize 256, random crop 224, flip).
+On VTAB-1k and FGVC presets (vtab/*, fgvc/*) with VPT's backbones the whole VPT protocol
+applies (jprompt.protocols, recorded in results.json): VTAB images resized to 224 by
+tf.image.resize without antialiasing, FGVC's torchvision Resize(256) (shorter side) + random
+crop 224 + flip and Resize(256) + centre crop at test, every epoch's last partial batch kept
+(800 examples at batch 128: 7 steps), KITTI as VPT's tfds version. ``trainval`` makes it VPT's
+reported run (train800val200, last epoch); without it, a tuning run on train800.
 
 Sweeps (python -m jprompt.sweep --sweep=NAME, each run repeated for --seeds):
   lr_wd        the grid above: lr {50 ... 0.05} x batch/256, wd {0.01, 1e-3, 1e-4, 0}
@@ -52,7 +59,7 @@ random VPT head init made the first epoch diverge (train loss up to 34 at lr 0.5
 0.57 to 0.72 test accuracy for lr 0.1 to 5 (the zero head: 0.80 to 0.83 for lr 0.25 to 1).
 """
 
-from jprompt import config_lib
+from jprompt import config_lib, protocols
 from jprompt.data import presets
 
 BASE_LR = 0.25  # per 256 examples; VPT's grid point, scaled by batch/256 below
@@ -63,6 +70,8 @@ WEIGHT_DECAY = 1e-4
 DEEP_DROPOUT = 0.1
 DEMO_LR = 0.25
 DEMO_WARMUP_STEPS = 20
+# VPT's benchmarks, where configs/vpt.py follows VPT's protocol (jprompt.protocols) by default.
+VPT_GROUPS = ("vtab-natural", "vtab-specialized", "vtab-structured", "fgvc")
 
 
 def get_config(arg=None):
@@ -96,6 +105,15 @@ def get_config(arg=None):
     config.optim.warmup_epochs = 10
     config.optim.schedule_unit = "epoch"
     config.num_epochs = 100
+    if not args.demo and args.backbone in protocols.VPT_CHECKPOINTS:
+        # VPT's backbones as its code runs them: the original IN-21k file, exact GELU, pixels
+        # normalised with ImageNet's mean and std; on its benchmarks, its whole protocol.
+        file_name = protocols.VPT_CHECKPOINTS[args.backbone]
+        config.backbone.checkpoint = config_lib.ORIGINAL_IN21K + file_name
+        config.backbone.activation = "gelu_exact"
+        config.input.normalization = "imagenet"
+        if presets.get(config.dataset.preset).group in VPT_GROUPS:
+            config_lib.apply_protocol(config, "vpt")
     if args.demo:
         config.method.head_init = "zeros"
         config.optim.lr = DEMO_LR

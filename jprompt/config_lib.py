@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
+from jprompt import protocols
 from jprompt.data import presets, synthetic
 from jprompt.models import backbones
 
@@ -30,6 +31,9 @@ CHECKPOINTS = {
     "vit_b8": AUGREG + "B_8-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0.npz",
     "vit_l16": AUGREG + "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
 }
+
+# The original ImageNet-21k files (Dosovitskiy et al. 2021), which VPT and its successors load.
+ORIGINAL_IN21K = "gs://vit_models/imagenet21k/"
 
 # CLIP weights are not published as .npz: convert a downloaded file once with
 # ``python -m jprompt.convert_clip`` into this directory (or point backbone.checkpoint elsewhere).
@@ -54,6 +58,13 @@ DEMO_CHECKPOINTS = {
 
 def is_clip(backbone: str) -> bool:
     return backbone.startswith("clip_")
+
+
+def demo_pixel_prompt(backbone: str) -> tuple[int, float]:
+    """The pixel-prompt demos' (frame width, template lr) on the 32 px demo backbone: through the
+    tiny CLIP's frozen zero-shot head the prompt needs more room and a larger step than next to
+    a trainable linear head (measured on jprompt_shapes/colors)."""
+    return (8, 10.0) if is_clip(backbone) else (4, 1.0)
 
 
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
@@ -112,6 +123,9 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
     config = ConfigDict()
     config.seed = 0
+    # The paper protocol this run follows (jprompt.protocols; "" = none), set by the config files
+    # for their paper's benchmarks with apply_protocol.
+    config.protocol = ""
 
     preset = presets.get(dataset)
     config.dataset = ConfigDict(
@@ -163,6 +177,7 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             # zeroshot: () = the dataset's own class names (the preset's, where it has them)
             class_names=preset.class_names if isinstance(preset.class_names, tuple) else (),
             templates=preset.templates,  # zeroshot
+            name_rule="vp",  # zeroshot: how class names are cleaned (zeroshot.NAME_RULES)
         )
     )
     config.optim = ConfigDict(
@@ -206,6 +221,32 @@ def config_for_args(args: ConfigDict) -> ConfigDict:
     if args.get("head"):
         config.head.name = args.head
     return config
+
+
+def apply_protocol(config: ConfigDict, name: str) -> ConfigDict:
+    """Set every field that paper protocol ``name`` fixes (``jprompt.protocols``), except the
+    backbone itself (the user's ``backbone=``) and the fields its runs vary.
+
+    The checkpoint follows the protocol's file where the backbone is the paper's own.
+    """
+    protocol = protocols.get(name)
+    config.protocol = name
+    fields = protocol.fields(protocols.flatten(config.to_dict()))
+    for field, value in fields.items():
+        if field == "backbone.checkpoint_file":
+            if fields["backbone.name"] == config.backbone.name:
+                config.backbone.checkpoint = _checkpoint_path(value)
+        elif field != "backbone.name" and field not in protocol.chosen_per_run:
+            set_field(config, field, value)
+    return config
+
+
+def _checkpoint_path(file_name: str) -> str:
+    """Where a protocol's checkpoint file is found: the published IN-21k directory, or the
+    converted CLIP directory."""
+    if file_name in protocols.VPT_CHECKPOINTS.values():
+        return ORIGINAL_IN21K + file_name
+    return f"{CLIP_CHECKPOINT_DIR}/{file_name}"
 
 
 def load_module(config_file: str):

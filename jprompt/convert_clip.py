@@ -18,8 +18,9 @@ and is what ``backbone.checkpoint`` takes. Examples:
     python -m jprompt.convert_clip --input=clip-vit-large-patch14/model.safetensors \
         --output=clip_l14.npz
 
-open_clip models trained with GELU (those without ``-quickgelu`` in their name) convert, but
-jprompt's towers compute quick_gelu, as OpenAI's models do; the weights cannot tell.
+open_clip models trained with GELU (those without ``-quickgelu`` in their name) convert; the
+weights cannot tell the activation, so run them with ``backbone.activation="gelu_exact"``
+(jprompt's CLIP towers default to quick_gelu, as OpenAI's models).
 """
 
 from absl import app, flags

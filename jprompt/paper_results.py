@@ -15,6 +15,7 @@ class PaperResult:
     backbone: str  # jprompt backbone name the paper's number was measured with
     accuracy: float
     source: str
+    protocol: str  # the jprompt.protocols name a run must follow to be compared with it
 
 
 _VPT = "Jia et al. 2022 (VPT), Table 1: ViT-B/16 ImageNet-21k"
@@ -32,12 +33,12 @@ _ADAVIPRO = (
 )
 
 RESULTS = tuple(
-    PaperResult(method, benchmark, "vit_b16", accuracy, _VPT)
+    PaperResult(method, benchmark, "vit_b16", accuracy, _VPT, "vpt")
     for method, row in _VPT_TABLE_1.items()
     for benchmark, accuracy in zip(_VPT_BENCHMARKS, row, strict=True)
 ) + (
-    PaperResult("AdaViPro", "cifar10", "clip_b32", 95.4, _ADAVIPRO),
-    PaperResult("AdaViPro", "eurosat", "clip_b32", 96.8, _ADAVIPRO),
+    PaperResult("AdaViPro", "cifar10", "clip_b32", 95.4, _ADAVIPRO, "adavipro"),
+    PaperResult("AdaViPro", "eurosat", "clip_b32", 96.8, _ADAVIPRO, "adavipro"),
 )
 
 

@@ -11,6 +11,11 @@ Per method, dataset and backbone the setting with the best mean validation accur
 best on test (what the official VP and PGN code report). A second table averages the selected
 test accuracies over each benchmark group (VTAB natural / specialized / structured, FGVC) when
 the sweep covers all its datasets, as VPT reports them.
+
+A paper's number is printed beside a row only when every run of the row followed that paper's
+protocol (``jprompt.protocols``: the protocol card in its results.json has no difference from
+it); otherwise the paper column says which fields differ. Fewer seeds than the paper averages
+are said beside the number.
 """
 
 import argparse
@@ -23,7 +28,7 @@ import pathlib
 import statistics
 import sys
 
-from jprompt import paper_results
+from jprompt import paper_results, protocols
 from jprompt.data import presets
 from jprompt.sweep import RUN_FILE
 
@@ -38,6 +43,7 @@ class Row:
     setting: str
     val: list[float]
     test: list[float]
+    cards: list[dict | None] = dataclasses.field(default_factory=list)
     selected: bool = False
     test_selected: bool = False
 
@@ -79,6 +85,7 @@ def collect(root) -> list[Row]:
         row = groups.setdefault(key, Row(*key, val=[], test=[]))
         row.val.append(100 * results["val"]["accuracy"])
         row.test.append(100 * results["test"]["accuracy"])
+        row.cards.append(results.get("protocol", {}).get("card"))
     rows = list(groups.values())
     by_key = collections.defaultdict(list)
     for row in rows:
@@ -89,9 +96,36 @@ def collect(root) -> list[Row]:
     return rows
 
 
-def _paper(method: str, benchmark: str) -> str:
+SHOWN_DIFFERENCES = 3  # fields named in a refusal; the run's results.json has them all
+
+
+def not_comparable(rows: list[Row], protocol: str) -> str:
+    """Why ``rows`` cannot stand beside a number of ``protocol``'s paper ("" if they can)."""
+    for row in rows:
+        if any(card is None for card in row.cards):
+            return f"{row.dataset}: a run without a protocol card (made before protocols)"
+        for card in row.cards:
+            differences = protocols.differences(card, protocol)
+            if differences:
+                fields = [d.split(":")[0] for d in differences]
+                more = len(fields) - SHOWN_DIFFERENCES
+                shown = ", ".join(fields[:SHOWN_DIFFERENCES]) + (f" +{more}" if more > 0 else "")
+                return f"{row.dataset}: not the {protocol} protocol ({shown})"
+    return ""
+
+
+def _paper(method: str, benchmark: str, rows: list[Row]) -> str:
+    """The paper's number for ``rows`` (one row, or a group's), or why it is not shown."""
     result = paper_results.lookup(method, benchmark)
-    return f"{result.accuracy:.2f} ({result.source})" if result else ""
+    if not result:
+        return ""
+    refusal = not_comparable(rows, result.protocol)
+    if refusal:
+        return f"not comparable: {refusal}"
+    seeds = min(len(r.test) for r in rows)
+    wanted = protocols.get(result.protocol).seeds
+    few = f"; {seeds} of the paper's {wanted} seeds" if seeds < wanted else ""
+    return f"{result.accuracy:.2f} ({result.source}{few})"
 
 
 def run_table(rows: list[Row], test_selected: bool) -> list[list[str]]:
@@ -104,7 +138,7 @@ def run_table(rows: list[Row], test_selected: bool) -> list[list[str]]:
         line += [_format(r.val), _format(r.test), "yes" if r.selected else ""]
         if test_selected:
             line.append("yes" if r.test_selected else "")
-        table.append(line + [_paper(r.method, r.dataset)])
+        table.append(line + [_paper(r.method, r.dataset, [r])])
     return table
 
 
@@ -118,13 +152,13 @@ def group_table(rows: list[Row]) -> list[list[str]]:
     for r in rows:
         if r.selected and r.dataset in presets.PRESETS:
             group = presets.PRESETS[r.dataset].group
-            selected[(r.method, group, r.backbone)][r.dataset] = mean_std(r.test)[0]
-    for (method, group, backbone), accuracies in sorted(selected.items()):
-        if group in ("vp", "demo") or set(accuracies) != members[group]:
+            selected[(r.method, group, r.backbone)][r.dataset] = r
+    for (method, group, backbone), by_dataset in sorted(selected.items()):
+        if group in ("vp", "demo") or set(by_dataset) != members[group]:
             continue  # VP/PGN report datasets one by one; a partial group has no mean
-        mean = statistics.fmean(accuracies.values())
-        table.append([method, group, backbone, str(len(accuracies)), f"{mean:.2f}"])
-        table[-1].append(_paper(method, group))
+        mean = statistics.fmean(mean_std(r.test)[0] for r in by_dataset.values())
+        table.append([method, group, backbone, str(len(by_dataset)), f"{mean:.2f}"])
+        table[-1].append(_paper(method, group, list(by_dataset.values())))
     return table if len(table) > 1 else []
 
 

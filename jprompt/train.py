@@ -39,11 +39,12 @@ from jprompt import (
     feature_cache,
     methods,
     optim,
+    protocols,
     sharding,
     visualize,
     zeroshot,
 )
-from jprompt.data import pipeline, presets
+from jprompt.data import mixture, pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.evaluate import evaluate, make_eval_step
 from jprompt.methods.base import Method
@@ -94,7 +95,10 @@ class Experiment:
                 shuffle_buffer=self.config.input.shuffle_buffer,
                 steps_per_epoch=None if drop_last else self.steps_per_epoch,
             )
-        return pipeline.train_iterator(
+        read = _data_module(data.name).train_iterator
+        if mixture.is_mixture(data.name):
+            read = functools.partial(read, sampling=data.get("sampling", mixture.SAMPLINGS[0]))
+        return read(
             data.name,
             data.train_split,
             global_batch_size=self.config.batch_size,
@@ -117,7 +121,7 @@ class Experiment:
 
     def image_batches(self, split: str, spec: PreprocessSpec):
         """One pass over ``split``'s images preprocessed by ``spec`` (``spec.eval_crop``)."""
-        return pipeline.eval_iterator(
+        return _data_module(self.config.dataset.name).eval_iterator(
             self.config.dataset.name,
             split,
             global_batch_size=self.config.eval_batch_size,
@@ -127,7 +131,7 @@ class Experiment:
         )
 
     def num_eval_batches(self, split: str) -> int:
-        return pipeline.num_eval_batches(
+        return _data_module(self.config.dataset.name).num_eval_batches(
             self.config.dataset.name,
             split,
             global_batch_size=self.config.eval_batch_size,
@@ -152,6 +156,51 @@ class Experiment:
             rng=self.eval_rng,
         )
 
+    @functools.cached_property
+    def predict(self) -> Callable:
+        """``(trained, batch, index) -> {"logits", "label", "mask", "token_weights"}``, numpy of
+        the global batch (``token_weights`` None without a token library), for scores that
+        ``eval_step``'s metrics do not give. ``index`` folds into ``eval_rng`` as in
+        ``evaluate``. Every process must call it (a collective)."""
+        method = self.method
+
+        def forward(trained, frozen, batch, rng):
+            logits, aux = method.apply(trained, frozen, batch["image"], rng=rng, train=False)
+            return {
+                "logits": logits.astype(jnp.float32),
+                "label": batch["label"],
+                "mask": batch["mask"],
+                "token_weights": aux.get("token_weights"),
+            }
+
+        jitted = jax.jit(forward, out_shardings=sharding.replicated(self.mesh))
+
+        def predict(trained, batch, index):
+            rng = jax.random.fold_in(self.eval_rng, index)
+            batch = sharding.to_global_batch(batch, self.mesh)
+            return jax.device_get(jitted(trained, self.frozen, batch, rng))
+
+        return predict
+
+    def score_components(self, trained, split: str):
+        """A mixture's scores per component on ``split`` and their mean token weights
+        (``mixture.score``)."""
+        return mixture.score(
+            lambda batch, index: self.predict(trained, batch, index),
+            self.config.dataset.name,
+            split,
+            global_batch_size=self.config.eval_batch_size,
+            spec=self.spec,
+            data_dir=self.config.dataset.data_dir or None,
+            skip_undecodable=self.config.input.skip_undecodable,
+        )
+
+
+def _data_module(name: str):
+    """What reads dataset ``name``: ``mixture`` for a ``mix/...`` name, else ``pipeline``
+    (the same functions)."""
+    return mixture if mixture.is_mixture(name) else pipeline
+
 
 def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | None = None):
     """Build backbone, method, optimizer and jitted steps from ``config`` (no training yet)."""
@@ -168,7 +217,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
                 "choose a multiple of the device count"
             )
     data_dir = config.dataset.data_dir or None
-    train_info = pipeline.dataset_info(
+    train_info = _data_module(config.dataset.name).dataset_info(
         config.dataset.name,
         config.dataset.train_split,
         data_dir=data_dir,
@@ -295,6 +344,7 @@ def build_zeroshot_head(config: ConfigDict, backbone, class_names):
         config.head.class_names or preset.clean_class_names(class_names),
         config.head.templates or zeroshot.templates_for(config.dataset.name),
         backbone_name=backbone.name,
+        name_rule=config.head.name_rule,
     )
 
 
@@ -537,6 +587,7 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
     """Evaluate the selected state on the test split and write ``results.json``."""
     config = experiment.config
     test = experiment.evaluate(best_trained, config.dataset.test_split)
+    last_is_selected = best_step == experiment.total_steps
     results = {
         "method": config.method.name,
         "backbone": config.backbone.name,
@@ -546,9 +597,15 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
         "best_step": best_step,
         "val": best_val,
         "test": test,
+        # The final state, as papers that report the last epoch do.
+        "test_last": test
+        if last_is_selected
+        else experiment.evaluate(state["trained"], config.dataset.test_split),
         "trainable_params": _count(state["trained"]["params"]),
         "frozen_params": _count(experiment.frozen),
+        "protocol": protocol_report(experiment),
     }
+    results |= _mixture_results(experiment, best_trained)
     writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
     if is_main:
         if (workdir / TEST_EACH_EPOCH_FILE).exists():
@@ -556,6 +613,25 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
         _write_json(workdir / RESULTS_FILE, results)
     logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
     return results
+
+
+def protocol_report(experiment) -> dict:
+    """The run's protocol card and, when its config names a protocol, where it departs from it
+    (``jprompt.protocols``)."""
+    config = experiment.config
+    card = protocols.card(
+        config.to_dict(),
+        activation=backbones.activation(config.backbone),
+        normalization=experiment.spec.normalization,
+        checkpoint_sha256=protocols.file_sha256(config.backbone.checkpoint),
+    )
+    card["steps_per_epoch"] = experiment.steps_per_epoch
+    report = {"name": config.protocol, "card": card}
+    if config.protocol:
+        report["differences"] = protocols.differences(card, config.protocol)
+        for difference in report["differences"]:
+            logging.warning("Departs from the %s protocol: %s", config.protocol, difference)
+    return report
 
 
 def _write_json(path: epath.Path, value) -> None:
@@ -599,9 +675,58 @@ def _write_pictures(experiment, trained, step, writer, workdir) -> None:
         rng=experiment.eval_rng,
         normalization=experiment.spec.normalization,
     )
+    pictures |= _token_usage_picture(experiment, trained)
     writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})
     for name, picture in pictures.items():
         visualize.write_png(workdir / "images" / f"{name}_{step}.png", picture)
+
+
+def _token_usage_picture(experiment, trained) -> dict:
+    """A mixture's use of the token library by source, on the first ``NUM_IMAGES`` validation
+    images of each component (``visualize.token_usage_picture``); {} for a single dataset or a
+    method without a token library."""
+    data = experiment.config.dataset
+    if not (mixture.is_mixture(data.name) and hasattr(experiment.method, "token_weights")):
+        return {}
+    images = []
+    for source in range(len(mixture.parse(data.name))):
+        batch = next(
+            mixture.eval_iterator(
+                data.name,
+                data.val_split,
+                global_batch_size=experiment.config.eval_batch_size,
+                spec=experiment.spec,
+                data_dir=data.data_dir or None,
+                skip_undecodable=experiment.config.input.skip_undecodable,
+                component=source,
+            )
+        )
+        images.append(batch["image"][batch["mask"] > 0][: visualize.NUM_IMAGES])
+    return visualize.token_usage_picture(experiment.method, trained, images)
+
+
+def _mixture_results(experiment, trained) -> dict:
+    """A mixture run's ``per_dataset`` scores on the test and validation splits (``val_``
+    keys), and its ``division_of_labour`` on each (``mixture.division_of_labour``, for methods
+    with a token library); {} for a single dataset."""
+    data = experiment.config.dataset
+    if not mixture.is_mixture(data.name):
+        return {}
+    per_dataset, results = {}, {}
+    for prefix, split in (("", data.test_split), ("val_", data.val_split)):
+        scores, usages = experiment.score_components(trained, split)
+        for name, score in scores.items():
+            per_dataset.setdefault(name, {}).update({prefix + k: v for k, v in score.items()})
+        if all(usage is not None for usage in usages):
+            results[f"{prefix}division_of_labour"] = mixture.division_of_labour(usages)
+    for name, score in per_dataset.items():
+        logging.info(
+            "%s: test accuracy %.4f over all classes of the mixture, %.4f over its own",
+            name,
+            score["accuracy"],
+            score["accuracy_own_classes"],
+        )
+    return {"per_dataset": per_dataset, **results}
 
 
 def restore_best(config: ConfigDict, workdir) -> tuple[Experiment, dict]:

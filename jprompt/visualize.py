@@ -4,6 +4,8 @@ Methods that act on pixels define ``visualize(trained, frozen, images, *, rng)``
 ``{name: (B, H, W, C) array}`` in the backbone's normalized input space (C = 3), or in [0, 1]
 when the name ends with ``_mask`` (C = 1 or 3). The trainer turns each into one grid image, logs
 it to TensorBoard and writes it as ``WORKDIR/images/{name}_{step}.png`` after each evaluation.
+A mixture run (``jprompt.data.mixture``) of a method with a token library (PGN) also gets
+``token_usage_by_source``: each component's mean token weights as a heat map.
 """
 
 import math
@@ -51,6 +53,29 @@ def method_pictures(method, trained, frozen, images, *, rng, normalization: str)
         )
         pictures[name] = grid(unit)
     return pictures
+
+
+def heatmaps(maps, *, pad: int = 2) -> np.ndarray:
+    """(K, N) maps -> one uint8 picture, the maps top to bottom with white gaps between, on one
+    shared scale: black is 0, white the largest value of all the maps. A cell is at least one
+    pixel and the picture about 512 pixels wide."""
+    maps = [np.asarray(m, np.float32) for m in maps]
+    cell = max(1, 512 // maps[0].shape[1])
+    top = max(float(m.max()) for m in maps) or 1.0  # all zero: black
+    scaled = [np.kron(m / top, np.ones((cell, cell), np.float32)) for m in maps]
+    gap = np.ones((pad, scaled[0].shape[1]), np.float32)
+    rows = [gap]
+    for picture in scaled:
+        rows += [picture, gap]
+    canvas = np.pad(np.concatenate(rows), ((0, 0), (pad, pad)), constant_values=1.0)
+    return np.round(np.repeat(canvas[..., None], 3, axis=-1) * 255).astype(np.uint8)
+
+
+def token_usage_picture(method, trained, images_by_source) -> dict:
+    """``{"token_usage_by_source": picture}``: the mean (K, N) token weights of each source's
+    images (``method.token_weights``, which PGN has), as ``heatmaps`` in source order."""
+    usages = [np.asarray(method.token_weights(trained, x)).mean(axis=0) for x in images_by_source]
+    return {"token_usage_by_source": heatmaps(usages)}
 
 
 def write_png(path: epath.Path, picture: np.ndarray) -> None:

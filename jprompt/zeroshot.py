@@ -1,7 +1,8 @@
 """Zero-shot CLIP heads: class names times templates through the text tower, computed once.
 
-As in the VP and PGN code, class names are lower-cased with ``_`` and ``-`` turned into spaces
-and put into a template ("This is a photo of a {}"; some datasets have their own, below). With
+Class names are cleaned as the paper's code cleans them (``NAME_RULES``: VP lower-cases them and
+turns ``_`` and ``-`` into spaces, PGN keeps the hyphens) and put into a template ("This is a
+photo of a {}"; some datasets have their own, below). With
 several templates, each class embedding is the mean of the unit-norm template embeddings,
 renormalised (CLIP's prompt ensembling). The result is a frozen ``heads.ZeroShotHead``.
 """
@@ -30,9 +31,16 @@ def templates_for(dataset: str) -> tuple[str, ...]:
     return DATASET_TEMPLATES.get(builder, DEFAULT_TEMPLATES)
 
 
-def clean_class_name(name: str) -> str:
-    """``"Golden_Retriever"`` -> ``"golden retriever"``."""
-    return re.sub(r"\s+", " ", re.sub(r"[_-]", " ", name.lower())).strip()
+def clean_class_name(name: str, rule: str = "vp") -> str:
+    """``"Golden_Retriever"`` -> ``"golden retriever"``; ``rule`` is a key of ``NAME_RULES``."""
+    if rule not in NAME_RULES:
+        raise ValueError(f"unknown class-name rule {rule!r}; valid choices: {list(NAME_RULES)}")
+    return re.sub(r"\s+", " ", re.sub(NAME_RULES[rule], " ", name.lower())).strip()
+
+
+# What becomes a space, besides lower-casing: VP's refine_classname (utils.py) replaces "_" and
+# "-"; PGN's datamodules replace "_" only ("polka-dotted" stays hyphenated).
+NAME_RULES = {"vp": r"[_-]", "pgn": r"_"}
 
 
 def class_embeddings(
@@ -56,14 +64,16 @@ def build_head(
     templates: Sequence[str],
     *,
     backbone_name: str,
+    name_rule: str = "vp",
 ) -> ZeroShotHead:
-    """The frozen zero-shot head for ``class_names`` (raw dataset names, cleaned here)."""
+    """The frozen zero-shot head for ``class_names`` (raw dataset names, cleaned here by
+    ``name_rule``)."""
     if text is None:
         raise ValueError(
             f"a zero-shot head needs a backbone with a text tower (a clip_* backbone); "
             f"{backbone_name} has none. Use head.name='linear' or a CLIP backbone"
         )
-    names = [clean_class_name(name) for name in class_names]
+    names = [clean_class_name(name, name_rule) for name in class_names]
     logging.info(
         "Zero-shot head: %d classes x %d templates, e.g. %r",
         len(names),

@@ -104,6 +104,10 @@ def test_text_features_are_causal_and_read_at_the_end_of_text_token(tiny_params)
 def test_class_names_and_templates_as_the_papers_code():
     assert zeroshot.clean_class_name("Golden_Retriever") == "golden retriever"
     assert zeroshot.clean_class_name("sea-lion") == "sea lion"
+    # PGN's datamodules keep hyphens (DTD's "polka-dotted"); VP's refine_classname does not.
+    assert zeroshot.clean_class_name("Polka-dotted_x", "pgn") == "polka-dotted x"
+    with pytest.raises(ValueError, match="unknown class-name rule 'coop'.*'vp', 'pgn'"):
+        zeroshot.clean_class_name("a", "coop")
     assert zeroshot.templates_for("cifar100") == ("A photo of a {}",)
     assert zeroshot.templates_for("cifar10") == ("This is a photo of a {}",)
     assert zeroshot.templates_for("jprompt_shapes/colors") == ("This is a photo of a {}",)

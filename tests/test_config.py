@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import config_lib, methods, optim
+from jprompt import config_lib, methods, optim, protocols
 from jprompt.methods.heads import HEAD_INITS, ZeroShotHead
 from jprompt.models import backbones, clip
 
@@ -111,6 +111,9 @@ def test_config_builds_method_and_optimizer(file, arg):
         assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINTS[module_config.name]
     elif is_clip:
         assert config.backbone.checkpoint == f"~/jprompt_models/{module_config.name}.npz"
+    elif file == "vpt.py" and module_config.name in protocols.VPT_CHECKPOINTS:
+        # VPT's backbones load the original IN-21k files VPT's code loads.
+        assert config.backbone.checkpoint.startswith("gs://vit_models/imagenet21k/")
     else:
         assert config.backbone.checkpoint.startswith("gs://vit_models/augreg/")
     # Build the real method on the real backbone module, abstractly (no weights allocated).

@@ -1,9 +1,11 @@
 """Sweeps run end to end on the offline dataset, and the table aggregates their seeds."""
 
+import hashlib
 import json
 import statistics
 
-from jprompt import sweep, tables
+from jprompt import config_lib, protocols, sweep, tables
+from jprompt.models import backbones
 from tests.helpers import ROOT
 
 
@@ -32,6 +34,18 @@ def test_sweep_runs_seeds_and_table_aggregates(shapes_data_dir, tmp_path, capsys
     sweep.main(common + shrink + ["--run"])
     results = [json.loads(p.read_text()) for p in sorted(root.rglob("results.json"))]
     assert len(results) == 2 and all(r["total_steps"] == 2 for r in results)
+    # Each run carries its protocol card: the demo follows no paper's protocol; the card names
+    # the shipped checkpoint by file name and content.
+    asset = ROOT / "jprompt" / "assets" / "vit_tiny4_shapes.npz"
+    for r in results:
+        report = r["protocol"]
+        assert report["name"] == "" and "differences" not in report
+        assert report["card"]["backbone.checkpoint_file"] == asset.name
+        assert report["card"]["backbone.checkpoint_sha256"] == (
+            hashlib.sha256(asset.read_bytes()).hexdigest()
+        )
+        assert report["card"]["input.normalization"] == "minus_one_to_one"  # resolved from ""
+        assert report["card"]["steps_per_epoch"] == 2 and "accuracy" in r["test_last"]
     tests = [100 * r["test"]["accuracy"] for r in results]
 
     text = tables.main([str(root), "--format=csv"])
@@ -51,12 +65,24 @@ def test_sweep_runs_seeds_and_table_aggregates(shapes_data_dir, tmp_path, capsys
     assert row[7] == "yes"
 
 
-def _fake_run(root, setting, seed, preset, val, test, deep=True):
+def _card(arg: str) -> dict:
+    """The protocol card a run of ``configs/vpt.py:<arg>`` writes (checkpoint hash aside)."""
+    config = config_lib.load(f"{ROOT / 'configs' / 'vpt.py'}:{arg}")
+    return protocols.card(
+        config.to_dict(),
+        activation=backbones.activation(config.backbone),
+        normalization=config.input.normalization,
+        checkpoint_sha256="",
+    )
+
+
+def _fake_run(root, setting, seed, preset, val, test, card_arg):
     workdir = root / setting / f"seed_{seed}"
     workdir.mkdir(parents=True)
-    config = {"method": {"name": "vpt", "deep": deep}, "dataset": {"preset": preset}}
+    config = {"method": {"name": "vpt", "deep": True}, "dataset": {"preset": preset}}
     run = {"arg": setting, "overrides": {"seed": seed}, "config": config}
     results = {"backbone": "vit_b16", "val": {"accuracy": val}, "test": {"accuracy": test}}
+    results["protocol"] = {"name": "vpt", "card": _card(card_arg)}
     (workdir / "run.json").write_text(json.dumps(run))
     (workdir / "results.json").write_text(json.dumps(results))
 
@@ -64,9 +90,11 @@ def _fake_run(root, setting, seed, preset, val, test, deep=True):
 def test_table_selects_on_validation_and_averages_vtab_groups(tmp_path):
     natural = [n for n in tables.presets.VTAB_TASKS if n in _NATURAL]
     for i, preset in enumerate(natural):
-        # "a" is better on validation, "b" on test: the honest selection is "a".
-        _fake_run(tmp_path, f"a,dataset={preset}", 0, preset, 0.9, 0.5 + i / 100)
-        _fake_run(tmp_path, f"b,dataset={preset}", 0, preset, 0.8, 0.9)
+        # "a" is better on validation, "b" on test: the honest selection is "a". Both are VPT's
+        # final runs (train800val200, the last epoch), with one seed of VPT's five.
+        final = f"dataset={preset},deep,trainval"
+        _fake_run(tmp_path, f"a,dataset={preset}", 0, preset, 0.9, 0.5 + i / 100, final)
+        _fake_run(tmp_path, f"b,dataset={preset}", 0, preset, 0.8, 0.9, final)
     rows = tables.collect(tmp_path)
     selected = [r for r in rows if r.selected]
     assert len(selected) == 7 and all(r.setting.startswith("a,") for r in selected)
@@ -75,8 +103,30 @@ def test_table_selects_on_validation_and_averages_vtab_groups(tmp_path):
     expected = statistics.fmean(50 + i for i in range(7))
     assert groups[1][:5] == ["VPT-deep", "vtab-natural", "vit_b16", "7", f"{expected:.2f}"]
     assert groups[1][5].startswith("78.48 (Jia et al. 2022 (VPT), Table 1")
+    assert groups[1][5].endswith("; 1 of the paper's 5 seeds)")
     markdown = tables.main([str(tmp_path), "--test_selected"])
     assert "best on test (optimistic)" in markdown.splitlines()[0]
+
+
+def test_table_refuses_a_paper_number_to_runs_off_its_protocol(tmp_path):
+    natural = [n for n in tables.presets.VTAB_TASKS if n in _NATURAL]
+    for preset in natural:
+        # Tuning runs (train800, selected on val200), and one task on the augreg checkpoint.
+        arg = f"dataset={preset},deep"
+        _fake_run(tmp_path, f"a,dataset={preset}", 0, preset, 0.9, 0.5, arg)
+    rows = tables.collect(tmp_path)
+    refusal = tables.group_table(rows)[1][5]
+    assert refusal == (
+        "not comparable: vtab/caltech101: not the vpt protocol (dataset.train_split, selection)"
+    )
+    card = _card("dataset=vtab/dtd,deep,trainval,backbone=vit_b16")
+    card["backbone.checkpoint_file"] = "B_16-i21k-300ep-lr_0.001-aug_medium1.npz"
+    card["backbone.activation"] = "gelu_tanh"
+    assert protocols.differences(card, "vpt") == [
+        "backbone.checkpoint_file: 'B_16-i21k-300ep-lr_0.001-aug_medium1.npz' "
+        "(paper: 'ViT-B_16.npz')",
+        "backbone.activation: 'gelu_tanh' (paper: 'gelu_exact')",
+    ]
 
 
 _NATURAL = {

@@ -373,7 +373,7 @@ def test_recipe_of_the_full_config():
     config = load_config("")
     assert config.method.name == "vpt" and config.method.head_init == "vpt"
     assert config.backbone.name == "vit_b16"
-    assert config.backbone.checkpoint == config_lib.CHECKPOINTS["vit_b16"]
+    assert config.backbone.checkpoint == config_lib.ORIGINAL_IN21K + "ViT-B_16.npz"
     assert (config.batch_size, config.num_epochs) == (128, 100)
     assert config.optim.lr == pytest.approx(0.25 * 128 / 256)
     assert (config.optim.name, config.optim.momentum) == ("sgd", 0.9)

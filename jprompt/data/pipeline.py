@@ -268,12 +268,16 @@ class _Share:
         ds = ds.filter(lambda position, _: tf.reduce_any(position == list(wanted)))
         return [ex["tfds_id"].decode() for _, ex in ds.as_numpy_iterator()]
 
+    def bad_labels(self) -> list[tuple[int, int]]:
+        """(position, label) of the first few examples whose label is out of range."""
+        labels = self._read().map(lambda p, ex: (p, self.example_map.fn(ex)[1]))
+        labels = labels.filter(lambda _, label: (label < 0) | (label >= self.num_classes))
+        return list(labels.take(_NAMED_AT_MOST).as_numpy_iterator())
+
     def explain(self, error: tf.errors.InvalidArgumentError) -> ValueError:
         """An error naming the examples behind ``error``, raised while reading this share."""
         if _LABEL_ASSERTION in error.message:
-            labels = self._read().map(lambda p, ex: (p, self.example_map.fn(ex)[1]))
-            labels = labels.filter(lambda _, label: (label < 0) | (label >= self.num_classes))
-            bad = list(labels.take(_NAMED_AT_MOST).as_numpy_iterator())
+            bad = self.bad_labels()
             ids = self.example_ids([position for position, _ in bad])
             pairs = zip(ids, bad, strict=True)
             named = ", ".join(f"{i} (label {label})" for i, (_, label) in pairs)

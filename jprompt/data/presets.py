@@ -443,7 +443,7 @@ _VTAB_PRESETS = (
         "kitti_distance",
         "structured",
         "kitti",
-        "3.1.0",
+        "3.2.0",  # VPT's src/data/vtab_datasets/kitti.py
         "validation[:200]",
         "test",
         4,

@@ -121,11 +121,16 @@ class PromptGenerationNetwork(Method):
         prompts, weights = mix_library(logits, params["library"])
         return prompts, weights, new_stats
 
+    def token_weights(self, trained, images):
+        """``(B, K, N)``: how each image mixes the library rows into its K tokens, as
+        ``aux["token_weights"]`` of ``apply(..., train=False)``, without running the backbone."""
+        return self.prompts(trained, images, train=False)[1]
+
     def visualize(self, trained, frozen, images, *, rng):
         """How each image mixes the token library: its (K, N) softmax weights as a heat map,
         scaled so that each image's largest weight is white."""
         del frozen, rng
-        _, weights, _ = self.prompts(trained, images, train=False)
+        weights = self.token_weights(trained, images)
         scaled = weights / weights.max(axis=(1, 2), keepdims=True)
         return {"library_usage_mask": scaled[..., None]}
 

@@ -29,9 +29,9 @@ the split is a plain reshape and the file does not record H.
 Before anything is reshaped to the model, the file's dimensions (widths, depths, patch size,
 embedding size) are matched against ``jprompt.models.clip.VARIANTS``, so a file that is another
 variant than the configured one fails with an error naming what it is. The weights cannot tell
-the MLP activation: jprompt's towers use quick_gelu, as OpenAI's models (and open_clip's
-``*-quickgelu`` ones) were trained with; open_clip models trained with GELU load, but compute a
-slightly different function.
+the MLP activation: jprompt's towers default to quick_gelu, as OpenAI's models (and open_clip's
+``*-quickgelu`` ones) were trained with; open_clip models trained with GELU load, and need
+``backbone.activation="gelu_exact"``.
 """
 
 import dataclasses
