@@ -1,7 +1,8 @@
 r"""Frozen-backbone memory per device when it is sharded over the mesh's ``model`` axis.
 
 Computed from ``jax.eval_shape`` (nothing is allocated, so any size runs on a laptop) with the
-shardings the trainer uses (``jprompt.sharding.frozen_shardings``, ``config.model_axis_size``):
+shardings the trainer uses (``jprompt.train.sharding.frozen_shardings``,
+``config.model_axis_size``):
 
     python benchmarks/backbone_memory.py --backbone=vit_g14 --model_axis_sizes=1,2,4,8,16
 
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jprompt import sharding
 from jprompt.models import backbones, clip, vit
+from jprompt.train import sharding
 
 _BACKBONE = flags.DEFINE_enum("backbone", "vit_g14", backbones.NAMES, "backbone name")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "input resolution")

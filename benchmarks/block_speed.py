@@ -12,10 +12,10 @@ as a prompt's step needs it (the loss is the sum of the output times a fixed ran
 - ``block``: one ``Encoder1DBlock`` (LayerNorms and residuals included) against ``Block``;
 - ``stack``: ``--depth`` blocks in sequence (default: the backbone's depth), as a step runs them.
 
-JAX parts are jitted with ``jprompt.compilation``'s options, as the trainer's step; JAX and torch
-rounds alternate in one process (``--repeats`` rounds of ``--steps`` calls, medians), after
-``jprompt.host_memory``'s settings on CPU hosts, as ``step_speed.py``. ``ratio`` is torch time /
-JAX time: above 1, jprompt is faster.
+JAX parts are jitted with ``jprompt.train.compilation``'s options, as the trainer's step; JAX and
+torch rounds alternate in one process (``--repeats`` rounds of ``--steps`` calls, medians), after
+``jprompt.train.host_memory``'s settings on CPU hosts, as ``step_speed.py``. ``ratio`` is torch
+time / JAX time: above 1, jprompt is faster.
 
     python benchmarks/block_speed.py --backbone=vit_ti16 --batch=16
 """
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jprompt import compilation, host_memory
 from jprompt.models import vit
+from jprompt.train import compilation, host_memory
 
 _BACKBONE = flags.DEFINE_string("backbone", "vit_ti16", "A ViT name (jprompt.models.vit).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")

@@ -1,7 +1,7 @@
 r"""Does the input pipeline starve the training step? The trainer's step, timed side by side
 with real input and with one batch already on the device.
 
-Builds the run a config describes (``jprompt.train.create_experiment``) and times rounds of
+Builds the run a config describes (``jprompt.train.trainer.create_experiment``) and times rounds of
 ``--steps`` training steps two ways, alternating, so a shared machine slows both alike:
 
 - ``resident``: the same global batch, put on the device once, fed to every step: the step alone;
@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jprompt import host_memory, sharding, train
+from jprompt.train import host_memory, sharding, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/vpt.py:demo", "Config file[:args], as for jprompt.main.", lock_config=True
@@ -41,7 +41,7 @@ def main(argv):
     del argv
     host_memory.keep_freed_memory_on_cpu_hosts()  # as python -m jprompt.main does
     config = _CONFIG.value
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     mesh = experiment.mesh
     batches = experiment.train_batches()
     resident = sharding.to_global_batch(next(batches), mesh)

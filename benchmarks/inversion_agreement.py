@@ -30,7 +30,9 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from jprompt import config_lib, inversion, serve, train, visualize
+from jprompt.deploy import serve
+from jprompt.methods import inversion
+from jprompt.train import config_lib, trainer, visualize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH_SIZE = 250
@@ -67,8 +69,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = load_config(_BACKBONE.value)
-    results = train.train_and_evaluate(config, _WORKDIR.value)
-    experiment, trained = train.restore_best(config, _WORKDIR.value)
+    results = trainer.train_and_evaluate(config, _WORKDIR.value)
+    experiment, trained = trainer.restore_best(config, _WORKDIR.value)
     client = serve.ClientModel.from_pgn(experiment.method, trained, experiment.frozen)
     served = serve.ServedModel.from_experiment(experiment, trained)
     latent_fn = jax.jit(functools.partial(experiment.method.apply, rng=None, train=False))

@@ -2,8 +2,8 @@ r"""Linear probe wall time with cached features against the backbone at every st
 
 Trains the same linear-probe config twice in one process, once with
 ``config.method.cache_features=True`` (the backbone runs once per image of each split;
-``jprompt.feature_cache``) and once with it False (the backbone runs at every training step and
-every validation), and prints the wall time of each whole run (data reading, compilation,
+``jprompt.train.feature_cache``) and once with it False (the backbone runs at every training step
+and every validation), and prints the wall time of each whole run (data reading, compilation,
 training, validation and test included), its CPU time (all threads of this process: steadier
 than wall time on a shared machine), the test accuracies (equal: the two train the same head)
 and the ratios. Both use the config's deterministic training preprocessing. Rounds alternate
@@ -22,8 +22,8 @@ import time
 
 from absl import app, flags
 
-from jprompt import config_lib, train
 from jprompt.data import pipeline
+from jprompt.train import config_lib, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def timed_run(cache: bool) -> tuple[dict[str, float], dict]:
     config = load_config(cache)
     with tempfile.TemporaryDirectory() as workdir:
         wall, cpu = time.perf_counter(), time.process_time()
-        results = train.train_and_evaluate(config, workdir)
+        results = trainer.train_and_evaluate(config, workdir)
         seconds = {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
         return seconds, results
 

@@ -2,8 +2,8 @@ r"""Training-step speed of jprompt, side by side with a PyTorch reference of the
 
 For each method x backbone x batch size the harness builds the real library step
 (``jprompt.models.backbones.build``, ``jprompt.methods.build``,
-``jprompt.train_step.make_train_step`` with SGD + momentum, jitted with the state donated and
-with ``jprompt.compilation``'s options, as the trainer does; random weights, a linear head on
+``jprompt.train.step.make_train_step`` with SGD + momentum, jitted with the state donated and
+with ``jprompt.train.compilation``'s options, as the trainer does; random weights, a linear head on
 100 classes) and reports:
 
 - ``img/s``: batch / median step time over all timed steps, after compilation and warm-up, each
@@ -48,8 +48,10 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from jprompt import compilation, host_memory, methods, train_step
+from jprompt import methods
 from jprompt.models import backbones, vit
+from jprompt.train import compilation, host_memory
+from jprompt.train.step import make_train_step
 
 # harness name -> (jprompt method, its options)
 METHODS = {
@@ -89,7 +91,7 @@ _TORCH_SKIP = flags.DEFINE_bool(
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory",
     True,
-    "On CPU hosts keep freed host memory in the process (jprompt.host_memory), as "
+    "On CPU hosts keep freed host memory in the process (jprompt.train.host_memory), as "
     "python -m jprompt.main does.",
 )
 _JSON = flags.DEFINE_string("json", None, "Write the rows (and the machine) here as JSON.")
@@ -196,7 +198,7 @@ def build_jax_step(name: str, method: str, batch: int):
         "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
     }
     step = jax.jit(
-        train_step.make_train_step(built, tx, steps_per_epoch=1000),
+        make_train_step(built, tx, steps_per_epoch=1000),
         donate_argnums=(0,),
         compiler_options=compilation.step_options(jax.default_backend()),
     )

@@ -1,7 +1,7 @@
 r"""Transfer table: every method adapting a shipped pretrained tiny backbone to the offline targets.
 
 The backbones (``jprompt/assets/{vit,clip}_tiny4_shapes.npz``) were trained from scratch on the
-``jprompt_shapes/shapes`` source task (``python -m jprompt.pretrain_demo``). Each method's
+``jprompt_shapes/shapes`` source task (``python -m jprompt.tools.pretrain_demo``). Each method's
 ``demo`` config adapts one to each target task of ``jprompt_shapes``; the script prints one row
 per (method, target): trainable parameters, test accuracy (of the best-validation state) and
 wall time of the whole run (compilation included). On the tiny CLIP the methods work through
@@ -18,8 +18,8 @@ import time
 
 from absl import app, flags
 
-from jprompt import config_lib, train
 from jprompt.data import presets
+from jprompt.train import config_lib, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def main(argv):
             trained_here = not (workdir / "results.json").exists()
             start = time.perf_counter()
             config = load_config(row, target, _BACKBONE.value)
-            results = train.train_and_evaluate(config, str(workdir))
+            results = trainer.train_and_evaluate(config, str(workdir))
             if trained_here:
                 timing.write_text(json.dumps(time.perf_counter() - start))
             seconds = json.loads(timing.read_text()) if timing.exists() else None

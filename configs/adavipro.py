@@ -27,13 +27,13 @@ Recipe: VP's (SGD lr 40 for the prompt template, momentum 0.9, no weight decay, 
 generator and lr 0.1 for the linear head trained on the frozen features (as configs/vp.py).
 Gumbel temperature 5 * 0.98**epoch, straight-through hard masks (method.hard=False: soft).
 With CLIP on VP's datasets the AdaViPro protocol applies: VP's (see configs/vp.py) with the
-paper's changes (jprompt.protocols). The demo trains 5 epochs with the VP demo's frame and
+paper's changes (jprompt.train.protocols). The demo trains 5 epochs with the VP demo's frame and
 template lr (8px at lr 10 on the tiny CLIP, 4px at lr 1 on the tiny ViT), lr 1 for the mask
 generator and 0.1 for a linear head, with 4x4 regions of 8px.
 """
 
-from jprompt import config_lib, protocols
 from jprompt.data import presets
+from jprompt.train import config_lib, protocols
 
 
 def get_config(arg=None):
@@ -77,5 +77,5 @@ def get_config(arg=None):
     return config_lib.lock(config)
 
 
-# Sweeps (python -m jprompt.sweep --sweep=NAME): prompt_size over the papers' sizes, or seeds.
+# Sweeps (python -m jprompt.tools.sweep --sweep=NAME): prompt_size over the papers' sizes, or seeds.
 sweep = config_lib.prompt_size_sweep

@@ -12,7 +12,7 @@ Recipe of vit_jax's fine-tuning: SGD momentum 0.9, lr 0.01, no weight decay, glo
 clipping at 1, 500 warmup steps then cosine, batch 512, 10 epochs here.
 """
 
-from jprompt import config_lib
+from jprompt.train import config_lib
 
 
 def get_config(arg=None):

@@ -10,8 +10,8 @@ features), dataset=NAME (default cifar100), demo (offline tiny run).
 Recipe as VPT's linear baseline: SGD momentum 0.9, batch 256, 100 epochs, 10 warmup epochs then
 cosine; lr 0.1 here (VPT searches {50 ... 0.05} x batch/256 on a validation split).
 
-Features are cached (``config.method.cache_features``, ``jprompt.feature_cache``): the backbone
-runs once per image of the train, validation and test splits, and the head trains on those
+Features are cached (``config.method.cache_features``, ``jprompt.train.feature_cache``): the
+backbone runs once per image of the train, validation and test splits, and the head trains on those
 features. That needs deterministic training images, so this config trains on plain resized
 images (``config.input.train_crop="resize"``, ``config.input.flip=False``) whatever the
 dataset preset augments with (the FGVC presets crop and flip at random); evaluation keeps the
@@ -21,7 +21,7 @@ epoch, add
 --config.input.flip=True``.
 """
 
-from jprompt import config_lib
+from jprompt.train import config_lib
 
 
 def get_config(arg=None):

@@ -13,10 +13,10 @@ jprompt_shapes/count+jprompt_shapes/textures --workdir=/tmp/pgn_mix
 Args (comma-separated after the file name):
   backbone=NAME     a backbone from jprompt.models.backbones.NAMES. Default clip_b32, the paper's
                     main setting: CLIP ViT-B/32 with its frozen zero-shot text head, only the PGN
-                    trains (convert OpenAI's ViT-B-32.pt once with python -m jprompt.convert_clip
-                    into ~/jprompt_models/clip_b32.npz). A ViT (e.g. vit_b32, the augreg IN-21k
-                    file; the paper's supervised setting is torchvision's IN-1k ViT-B/32) gets a
-                    linear head that trains next to the PGN.
+                    trains (convert OpenAI's ViT-B-32.pt once with python -m
+                    jprompt.tools.convert_clip into ~/jprompt_models/clip_b32.npz). A ViT (e.g.
+                    vit_b32, the augreg IN-21k file; the paper's supervised setting is
+                    torchvision's IN-1k ViT-B/32) gets a linear head that trains next to the PGN.
   head=NAME         zeroshot or linear (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME      one of PGN's 12 datasets (jprompt.data.presets.PGN_DATASETS: cifar10,
                     cifar100, dtd, oxford_flowers102, food101, eurosat, sun397, ucf101,
@@ -37,12 +37,13 @@ Args (comma-separated after the file name):
                     parameters, a linear head aside)
   baseline          train the paper's input-independent baseline instead ("prompt_tokens": K
                     learned tokens appended at the end, no generator), same recipe
-  deployable        train the PGN in the geometry of prompt inversion (jprompt.inversion), so
-                    that it can be served as plain RGB rows below the image to the unmodified
-                    backbone (python -m jprompt.serve). Needs pool "tok" and a patch of at least
-                    D/3 pixels: the demo's shipped tiny4 backbones have 3*4*4 = 48 < D = 64, so
-                    override them with a randomly initialised tiny8 as in the example above
-                    (benchmarks/inversion_agreement.py does). Not with baseline
+  deployable        train the PGN in the geometry of prompt inversion
+                    (jprompt.methods.inversion), so that it can be served as plain RGB rows
+                    below the image to the unmodified backbone (python -m jprompt.deploy.serve).
+                    Needs pool "tok" and a patch of at least D/3 pixels: the demo's shipped tiny4
+                    backbones have 3*4*4 = 48 < D = 64, so override them with a randomly
+                    initialised tiny8 as in the example above (benchmarks/inversion_agreement.py
+                    does). Not with baseline
   demo              offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes (the
                     tiny CLIP by default, the tiny ViT with backbone=vit_*), adapted to
                     jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
@@ -54,7 +55,7 @@ Args (comma-separated after the file name):
 Recipe from the official code: SGD momentum 0.9, no weight decay, lr 0.1 for the PGN and the
 head, 100 epochs, linear warmup (50 epochs, the training scripts' default; the first epoch at
 lr/50 as the second, as PGN's CosineWithWarmup) then cosine to lr/100, the schedule stepped once
-per epoch. With CLIP on PGN's datasets the PGN protocol (jprompt.protocols, recorded in
+per epoch. With CLIP on PGN's datasets the PGN protocol (jprompt.train.protocols, recorded in
 results.json) adds PGN's data and input: RandomResizedCrop(224, scale=(1, 1)) (bicubic), colour
 jitter 0.4 (p 0.8), grayscale (p 0.2), solarize (p 0.2), horizontal flip; test images resized
 (shorter side) to 224 and centre-cropped; class names with hyphens kept; the last epoch tested,
@@ -65,8 +66,8 @@ The demo trains 5 epochs at lr 0.1 with a 20-step warmup and a per-step cosine t
 so few epochs a per-epoch schedule would spend the whole first epoch at lr 0).
 """
 
-from jprompt import config_lib
 from jprompt.data import mixture, presets
+from jprompt.train import config_lib
 
 RELEASED_LIBRARY_SIZE_CLIP = 256
 RELEASED_LIBRARY_SIZE_VIT = 128
@@ -163,7 +164,7 @@ def _use_mixture(config, name: str) -> None:
 
 
 def sweep(add, arg=None, name="seeds"):
-    """python -m jprompt.sweep --sweep=seeds: this config once, repeated for --seeds."""
+    """python -m jprompt.tools.sweep --sweep=seeds: this config once, repeated for --seeds."""
     if name != "seeds":
         raise ValueError(f"unknown sweep {name!r}; valid choices: ['seeds']")
     add()

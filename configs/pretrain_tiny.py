@@ -1,8 +1,8 @@
 r"""Pretrain a demo backbone: a tiny ViT or CLIP trained from scratch on ``jprompt_shapes/shapes``.
 
-    python -m jprompt.pretrain_demo --workdir=/tmp/pretrain_tiny \
+    python -m jprompt.tools.pretrain_demo --workdir=/tmp/pretrain_tiny \
         --out=jprompt/assets/vit_tiny4_shapes.npz
-    python -m jprompt.pretrain_demo --backbone=clip_tiny4 --workdir=/tmp/pretrain_clip \
+    python -m jprompt.tools.pretrain_demo --backbone=clip_tiny4 --workdir=/tmp/pretrain_clip \
         --out=jprompt/assets/clip_tiny4_shapes.npz
 
 (or ``python -m jprompt.main --config=configs/pretrain_tiny.py --workdir=...`` to train only).
@@ -22,7 +22,7 @@ Args: backbone=vit_tiny4 | clip_tiny4, epochs=N (default: 20 for the ViT, 60 for
 shipped files' settings).
 """
 
-from jprompt import config_lib
+from jprompt.train import config_lib
 
 DEFAULT_EPOCHS = {config_lib.DEMO_BACKBONE: 20, config_lib.DEMO_CLIP_BACKBONE: 60}
 

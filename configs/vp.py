@@ -9,7 +9,7 @@ r"""VP: a learned pixel frame on a frozen backbone (Bahng et al. 2022).
 Args (comma-separated after the file name):
   backbone=NAME   a backbone from jprompt.models.backbones.NAMES. Default clip_b32, the paper's
                   setting: CLIP ViT-B/32 with its frozen zero-shot text head (convert OpenAI's
-                  ViT-B-32.pt once with python -m jprompt.convert_clip into
+                  ViT-B-32.pt once with python -m jprompt.tools.convert_clip into
                   ~/jprompt_models/clip_b32.npz). A ViT (e.g. vit_b16, the augreg IN-21k file)
                   gets a linear head that trains next to the prompt.
   head=NAME       zeroshot or linear (default: zeroshot on CLIP, linear on ViT)
@@ -31,7 +31,7 @@ Args (comma-separated after the file name):
 Recipe from the paper's code: SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs,
 1000 warmup steps (step s at lr 40 (s + 1) / 1000), cosine decay per step, the template "This
 is a photo of a {}" on every dataset. With a CLIP backbone on VP's datasets the whole VP
-protocol applies (jprompt.protocols, recorded in results.json): CLIP's preprocess at train and
+protocol applies (jprompt.train.protocols, recorded in results.json): CLIP's preprocess at train and
 test (shorter side to 224, bicubic, centre crop), training on everything but the test split,
 every epoch's last partial batch kept, the last epoch tested, and the official number (the best
 test accuracy over training) reported beside it, labelled. The linear head trained next to the
@@ -39,9 +39,9 @@ prompt on a ViT (see jprompt/methods/vp.py) uses lr 0.1. The demo trains 5 epoch
 CLIP an 8px frame at lr 10, on the tiny ViT a 4px frame at lr 1 and the head at lr 0.1.
 """
 
-from jprompt import config_lib, protocols
 from jprompt.data import presets
 from jprompt.methods.vp import PROMPTERS
+from jprompt.train import config_lib, protocols
 
 
 def get_config(arg=None):
@@ -77,5 +77,5 @@ def get_config(arg=None):
     return config_lib.lock(config)
 
 
-# Sweeps (python -m jprompt.sweep --sweep=NAME): prompt_size over the papers' sizes, or seeds.
+# Sweeps (python -m jprompt.tools.sweep --sweep=NAME): prompt_size over the papers' sizes, or seeds.
 sweep = config_lib.prompt_size_sweep

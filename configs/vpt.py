@@ -7,7 +7,7 @@ r"""VPT: learned prompt tokens in a frozen ViT, shallow or deep (Jia et al. 2022
     python -m jprompt.main --config=configs/vpt.py:deep,num_tokens=50,dataset=dtd \
         --workdir=/tmp/vpt_deep_dtd
     python -m jprompt.main --config=configs/vpt.py:dataset=vtab/dtd,deep --workdir=/tmp/vtab_dtd
-    python -m jprompt.sweep --config=configs/vpt.py:dataset=vtab/dtd,deep --sweep=lr_wd \
+    python -m jprompt.tools.sweep --config=configs/vpt.py:dataset=vtab/dtd,deep --sweep=lr_wd \
         --workdir=/tmp/vtab_dtd_sweep        # the 40-point lr x wd grid, as commands
 
 Args (comma-separated after the file name):
@@ -32,7 +32,7 @@ Args (comma-separated after the file name):
                   reaches 0.71
 
 Recipe from the official code: SGD momentum 0.9 with coupled weight decay (L2 added to the
-gradient; jprompt.optim leaves biases out of it), batch 128 (64 when num_tokens >= 100),
+gradient; jprompt.train.optim leaves biases out of it), batch 128 (64 when num_tokens >= 100),
 100 epochs, 10 warmup epochs then cosine, the schedule stepped once per epoch. Prompt dropout 0.1
 for deep, 0 for shallow. VPT picks lr and wd per task on a validation split, from
 lr {50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05} x batch/256 and wd {0.01, 1e-3, 1e-4, 0}.
@@ -41,13 +41,13 @@ batch 128) and wd 1e-4 (the official base-prompt.yaml's default); override with
 ``--config.optim.lr=... --config.optim.weight_decay=...`` to search. The head (He-normal
 fan_out, bias -log(99)) trains with the same lr as the prompts, as in the official code.
 On VTAB-1k and FGVC presets (vtab/*, fgvc/*) with VPT's backbones the whole VPT protocol
-applies (jprompt.protocols, recorded in results.json): VTAB images resized to 224 by
+applies (jprompt.train.protocols, recorded in results.json): VTAB images resized to 224 by
 tf.image.resize without antialiasing, FGVC's torchvision Resize(256) (shorter side) + random
 crop 224 + flip and Resize(256) + centre crop at test, every epoch's last partial batch kept
 (800 examples at batch 128: 7 steps), KITTI as VPT's tfds version. ``trainval`` makes it VPT's
 reported run (train800val200, last epoch); without it, a tuning run on train800.
 
-Sweeps (python -m jprompt.sweep --sweep=NAME, each run repeated for --seeds):
+Sweeps (python -m jprompt.tools.sweep --sweep=NAME, each run repeated for --seeds):
   lr_wd        the grid above: lr {50 ... 0.05} x batch/256, wd {0.01, 1e-3, 1e-4, 0}
   num_tokens   prompt lengths {1, 5, 10, 50, 100, 200} (batch 64 from 100 tokens on)
   seeds        this config once (for repeated seeds)
@@ -59,8 +59,8 @@ random VPT head init made the first epoch diverge (train loss up to 34 at lr 0.5
 0.57 to 0.72 test accuracy for lr 0.1 to 5 (the zero head: 0.80 to 0.83 for lr 0.25 to 1).
 """
 
-from jprompt import config_lib, protocols
 from jprompt.data import presets
+from jprompt.train import config_lib, protocols
 
 BASE_LR = 0.25  # per 256 examples; VPT's grid point, scaled by batch/256 below
 LR_GRID = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)  # per 256 examples
@@ -70,7 +70,8 @@ WEIGHT_DECAY = 1e-4
 DEEP_DROPOUT = 0.1
 DEMO_LR = 0.25
 DEMO_WARMUP_STEPS = 20
-# VPT's benchmarks, where configs/vpt.py follows VPT's protocol (jprompt.protocols) by default.
+# VPT's benchmarks, where configs/vpt.py follows VPT's protocol (jprompt.train.protocols) by
+# default.
 VPT_GROUPS = ("vtab-natural", "vtab-specialized", "vtab-structured", "fgvc")
 
 

@@ -5,9 +5,9 @@ r"""Zero-shot CLIP: the untuned accuracy of the frozen model with its text head,
 
 Args (comma-separated after the file name):
   backbone=NAME   a CLIP backbone (default clip_b32; convert OpenAI's ViT-B-32.pt once with
-                  python -m jprompt.convert_clip into ~/jprompt_models/clip_b32.npz)
+                  python -m jprompt.tools.convert_clip into ~/jprompt_models/clip_b32.npz)
   dataset=NAME    a tfds dataset name (default cifar100); class names come from its info and
-                  templates from jprompt.zeroshot ("This is a photo of a {}", CIFAR-100
+                  templates from jprompt.methods.zeroshot ("This is a photo of a {}", CIFAR-100
                   "A photo of a {}")
   demo            offline: the shipped tiny CLIP on jprompt_shapes/colors, whose colours it was
                   never trained on (its source task is shapes), so it sits near chance (0.125):
@@ -18,7 +18,7 @@ The run evaluates the validation and test splits once (``num_epochs=0``) and wri
 results.json like any other run.
 """
 
-from jprompt import config_lib
+from jprompt.train import config_lib
 
 
 def get_config(arg=None):

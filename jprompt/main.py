@@ -1,8 +1,8 @@
 """Command line: ``python -m jprompt.main --config=configs/vp.py:demo --workdir=/tmp/vp``.
 
-All logic lives in ``jprompt.train``; this file only parses flags. A multi-process job runs the
-same command on every process (see ``jprompt.distributed`` for how processes find each other),
-e.g. two processes on one machine:
+All logic lives in ``jprompt.train.trainer``; this file only parses flags. A multi-process job runs
+the same command on every process (see ``jprompt.train.distributed`` for how processes find each
+other), e.g. two processes on one machine:
 
     python -m jprompt.main ... --coordinator_address=127.0.0.1:1234 --num_processes=2 \
         --process_id=0 &
@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jprompt import distributed, host_memory, train
+from jprompt.train import distributed, host_memory, trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -55,7 +55,7 @@ def main(argv):
     host_memory.keep_freed_memory_on_cpu_hosts()  # before the backend starts its threads
     distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("JAX devices: %s", jax.devices())
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=2))
         if "test" in results:

@@ -39,7 +39,7 @@ def shapes_data_dir(tmp_path_factory):
     import tensorflow_datasets as tfds
 
     import jprompt.data.synthetic  # noqa: F401  (registers the builder)
-    from jprompt import config_lib
+    from jprompt.train import config_lib
 
     data_dir = tmp_path_factory.mktemp("tfds")
     for name in ("jprompt_shapes/shapes", config_lib.DEMO_DATASET):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jprompt import checkpoint, config_lib, sharding
+from jprompt.train import checkpoint, config_lib, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

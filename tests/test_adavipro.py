@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import config_lib, methods, optim, sharding, train
+from jprompt import methods
 from jprompt.methods import adavipro, gumbel, heads, vp
 from jprompt.models import backbones, vit, vit_checkpoint
+from jprompt.train import config_lib, optim, sharding, trainer
 
 # The counts documented in jprompt/methods/adavipro.py (224 px, prompt_size 30, region 32).
 VP_TEMPLATE = 69_840
@@ -333,7 +334,7 @@ def test_training_steps_leave_the_backbone_untouched(shapes_data_dir):
         test_split="test[:100]",
         warmup_steps=2,
     )
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     frozen_before = jax.tree.map(np.asarray, experiment.frozen)
     trained_before = jax.tree.map(np.asarray, experiment.state["trained"])
 

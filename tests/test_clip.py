@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import train, zeroshot
-from jprompt.methods import heads, pgn
+from jprompt.methods import heads, pgn, zeroshot
 from jprompt.models import backbones, clip, clip_checkpoint, clip_tokenizer
+from jprompt.train import trainer
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 TINY = "clip_tiny4"
@@ -192,7 +192,7 @@ CLIP_DEMOS = [
 def test_every_method_trains_on_the_tiny_clip(file, arg, shapes_data_dir):
     config = helpers.shrink(helpers.load_config(file, arg), shapes_data_dir)
     assert config.backbone.name == TINY
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     zero_shot = config.head.name == "zeroshot"
     assert ("zeroshot_head" in experiment.frozen) == zero_shot
     assert ("head" in experiment.state["trained"]["params"]) != zero_shot
@@ -203,11 +203,11 @@ def test_zero_shot_config_evaluates_without_training(shapes_data_dir, tmp_path):
     config = helpers.shrink(helpers.load_config("zeroshot.py", "demo"), shapes_data_dir)
     config.unlock()
     config.num_epochs = 0
-    results = train.train_and_evaluate(config, tmp_path)
+    results = trainer.train_and_evaluate(config, tmp_path)
     assert results["trainable_params"] == 0 and results["total_steps"] == 0
     assert results["test"]["num_examples"] == 64 and 0.0 <= results["test"]["accuracy"] <= 1.0
 
 
 def test_missing_clip_weights_say_how_to_convert(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m jprompt.convert_clip --input="):
+    with pytest.raises(FileNotFoundError, match="python -m jprompt.tools.convert_clip --input="):
         clip_checkpoint.load(str(tmp_path / "clip_b32.npz"), "clip_b32", image_size=224)

@@ -382,7 +382,7 @@ def test_convert_cli_round_trip(hf, tmp_path):
         [
             sys.executable,
             "-m",
-            "jprompt.convert_clip",
+            "jprompt.tools.convert_clip",
             f"--input={hf['dir'] / 'model.safetensors'}",
             f"--output={output}",
             f"--name={NAME}",

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import config_lib, methods, optim, protocols
+from jprompt import methods
 from jprompt.methods.heads import HEAD_INITS, ZeroShotHead
 from jprompt.models import backbones, clip
+from jprompt.train import config_lib, optim, protocols
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from helpers import to_numpy
 
-from jprompt import feature_cache, sharding, train
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.models import backbones
+from jprompt.train import feature_cache, sharding, trainer
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def probe_config(shapes_data_dir):
 
 
 def test_cached_training_equals_training_on_images(probe_config):
-    cached = train.create_experiment(probe_config())
-    uncached = train.create_experiment(probe_config(**{"method.cache_features": False}))
+    cached = trainer.create_experiment(probe_config())
+    uncached = trainer.create_experiment(probe_config(**{"method.cache_features": False}))
     assert cached.features is not None and uncached.features is None
     # 6 steps: the second pass over the 256 examples reshuffles.
     cached_losses, cached_state = helpers.run_steps(cached, 6)
@@ -68,7 +68,7 @@ def backbone_rows(monkeypatch):
 
 def test_backbone_runs_once_per_image_and_resumes_exactly(probe_config, tmp_path, backbone_rows):
     config = probe_config()
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
     # 2 epochs, each validated: the train split (256), validation (64) and test (100, padded to
     # 2 batches of 64) each ran through the backbone once.
     assert sum(backbone_rows) == 256 + 64 + 128
@@ -76,10 +76,10 @@ def test_backbone_runs_once_per_image_and_resumes_exactly(probe_config, tmp_path
 
     # Stopped mid-epoch, after the first epoch's checkpoint, then finished.
     parts = tmp_path / "parts"
-    assert train.train_and_evaluate(config, str(parts), max_steps=5)["stopped_at_step"] == 5
-    resumed = train.train_and_evaluate(config, str(parts))
+    assert trainer.train_and_evaluate(config, str(parts), max_steps=5)["stopped_at_step"] == 5
+    resumed = trainer.train_and_evaluate(config, str(parts))
     assert resumed == whole
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     jax.tree.map(
         np.testing.assert_array_equal,
         helpers.latest_trained(parts, experiment),
@@ -97,7 +97,7 @@ def test_backbone_runs_once_per_image_and_resumes_exactly(probe_config, tmp_path
 )
 def test_random_augmentation_is_refused_naming_the_fix(probe_config, overrides, named):
     with pytest.raises(ValueError) as error:
-        train.create_experiment(probe_config(**overrides))
+        trainer.create_experiment(probe_config(**overrides))
     message = str(error.value)
     assert named in message
     assert "Set config.input.train_crop to one of ['center_crop', 'resize']" in message
@@ -105,7 +105,7 @@ def test_random_augmentation_is_refused_naming_the_fix(probe_config, overrides, 
     assert "or config.method.cache_features=False to keep the augmentation" in message
     # Without the cache the augmentation trains as asked.
     config = probe_config(**overrides, **{"method.cache_features": False})
-    assert train.create_experiment(config).features is None
+    assert trainer.create_experiment(config).features is None
 
 
 def test_non_finite_features_fail_naming_the_examples():

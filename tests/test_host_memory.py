@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jprompt import host_memory
+from jprompt.train import host_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # steps: 0 to 2 of the 16 measured ones in 8 runs).
 PROBE = """
 import resource, sys
-from jprompt import host_memory
+from jprompt.train import host_memory
 if sys.argv[1] == "keep" and not host_memory.keep_freed_memory():
     sys.exit("no mallopt")
 import jax, jax.numpy as jnp

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jprompt import inversion, serve
 from jprompt.data import preprocess
-from jprompt.methods import heads, pgn
+from jprompt.deploy import serve
+from jprompt.methods import heads, inversion, pgn
 from jprompt.models import backbones, clip, vit
 
 BATCH = 4

@@ -10,9 +10,9 @@ import tensorflow_datasets as tfds
 from helpers import load_config
 from test_data import AUGMENT, example_keys, read_split, take, to_uint8
 
-from jprompt import train, visualize
 from jprompt.data import mixture, synthetic
 from jprompt.data.preprocess import PreprocessSpec
+from jprompt.train import trainer, visualize
 
 TASKS = ("colors", "count", "textures")
 MIX = "mix/" + "+".join(f"jprompt_shapes/{task}" for task in TASKS)
@@ -223,7 +223,7 @@ def test_a_mixture_experiment_has_the_union_head_and_tagged_batches(mix_dir):
     assert config.dataset.num_classes == 22 and config.dataset.sampling == "proportional"
     config.dataset.data_dir = mix_dir
     config.batch_size = config.eval_batch_size = 8
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     assert experiment.method.zeroshot.num_classes == experiment.method.num_classes == 22
     assert experiment.steps_per_epoch == 5  # 40 examples, batches of 8
     batch = next(experiment.train_batches())

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jprompt import sharding, train
 from jprompt.models import vit
+from jprompt.train import sharding, trainer
 
 
 def test_mesh_has_data_and_model_axes():
@@ -60,7 +60,7 @@ def test_sharded_backbone_matches_replicated_loss_and_updates(file, shapes_data_
     def experiment(model_axis_size, devices):
         config = helpers.shrink(helpers.load_config(*file.split(":")), shapes_data_dir)
         config.model_axis_size = model_axis_size
-        return train.create_experiment(config, devices=devices)
+        return trainer.create_experiment(config, devices=devices)
 
     reference = experiment(1, jax.devices()[:1])
     sharded = experiment(4, jax.devices())

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from launch import demo_config, finish, free_port, launch, main_command
 
-from jprompt import train
 from jprompt.data import pipeline
+from jprompt.train import trainer
 
 
 def as_two_processes(iterator):
@@ -54,7 +54,7 @@ def test_two_processes_match_one_process_with_four_devices(shapes_data_dir, tmp_
     for name in ("train_iterator", "eval_iterator"):
         monkeypatch.setattr(pipeline, name, as_two_processes(getattr(pipeline, name)))
     four_devices = jax.devices()[:4]
-    expected = train.train_and_evaluate(config, str(tmp_path / "one"), devices=four_devices)
+    expected = trainer.train_and_evaluate(config, str(tmp_path / "one"), devices=four_devices)
 
     # Every example counted once; the same best step and test accuracy; losses and parameters
     # equal to float32 rounding (rtol 1e-5, atol 1e-6; measured: 2.4e-7 at most): gloo sums
@@ -64,7 +64,7 @@ def test_two_processes_match_one_process_with_four_devices(shapes_data_dir, tmp_
         assert got[split]["accuracy"] == expected[split]["accuracy"]
         np.testing.assert_allclose(got[split]["loss"], expected[split]["loss"], rtol=1e-5)
     assert got["best_step"] == expected["best_step"]
-    experiment = train.create_experiment(config, devices=four_devices)
+    experiment = trainer.create_experiment(config, devices=four_devices)
     trained = helpers.latest_trained(workdir, experiment)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

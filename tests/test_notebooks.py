@@ -124,7 +124,7 @@ def test_vpt_vtab(kernel_spec_manager, shapes_data_dir, tmp_path):
     assert summary["VPT-deep_trainable_params"] == 1_800
     for name, arg in (("VPT-shallow", "demo"), ("VPT-deep", "demo,deep")):
         assert summary[f"{name}_test_accuracy"] > CHANCE, name
-        # The table (jprompt.tables over the runs' work directories) has one row per run.
+        # The table (jprompt.tools.tables over the runs' work directories) has one row per run.
         row = summary["table_rows"][name]
         assert row["setting"] == arg and row["selected"]
         assert row["test"] == [pytest.approx(100 * summary[f"{name}_test_accuracy"])]

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, parameter groups and weight decay of jprompt.optim."""
+"""Learning-rate schedules, parameter groups and weight decay of jprompt.train.optim."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jprompt import config_lib, optim
+from jprompt.train import config_lib, optim
 
 
 def optim_config(**overrides):

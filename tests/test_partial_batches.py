@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 from test_data import AUGMENT, SHAPES, example_keys, read_split, take, to_uint8
 
-from jprompt import feature_cache
 from jprompt.data import pipeline, preprocess
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.methods.linear import ProbeHead
-from jprompt.train_step import make_train_step
+from jprompt.train import feature_cache
+from jprompt.train.step import make_train_step
 
 PLAIN = PreprocessSpec(32)  # a resize to the images' own size: pixels unchanged
 

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import methods, sharding, train
+from jprompt import methods
 from jprompt.methods import heads, pgn
 from jprompt.models import backbones, vit
+from jprompt.train import sharding, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"  # CI clones the repository with shared/ beside it
@@ -221,7 +222,7 @@ class Setup:
 
     def __init__(self, config):
         self.config = config
-        self.experiment = train.create_experiment(config)
+        self.experiment = trainer.create_experiment(config)
         self.method = self.experiment.method
         self.trained = to_numpy(self.experiment.state["trained"])
         self.frozen = to_numpy(self.experiment.frozen)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from launch import TIMEOUT_S, demo_config, finish, launch, main_command
 
-from jprompt import train
+from jprompt.train import trainer
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,14 @@ def config(shapes_data_dir):
 @pytest.fixture(scope="module")
 def experiment(config):
     """For the layout of restored states."""
-    return train.create_experiment(config)
+    return trainer.create_experiment(config)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(config, experiment, tmp_path_factory):
     """``(results, final trainable tree)`` of the run never interrupted."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    results = train.train_and_evaluate(config, str(workdir))
+    results = trainer.train_and_evaluate(config, str(workdir))
     return results, helpers.latest_trained(workdir, experiment)
 
 
@@ -70,7 +70,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(
     assert run.process.wait() == -signal.SIGKILL  # killed while still running, not done
     assert not (workdir / "results.json").exists()
 
-    resumed = train.train_and_evaluate(config, str(workdir))  # a new process, as after a crash
+    resumed = trainer.train_and_evaluate(config, str(workdir))  # a new process, as after a crash
     assert_ends_like_uninterrupted(resumed, workdir, experiment, uninterrupted)
     # A save the kill interrupted left a temporary directory; the resumed run removed it.
     assert not list(workdir.glob("*/*.orbax-checkpoint-tmp*"))
@@ -90,7 +90,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(
     assert committed_steps(workdir)[-1] == step  # written and committed before the exit
     assert not list(workdir.glob("*/*.orbax-checkpoint-tmp*"))
 
-    resumed = train.train_and_evaluate(config, str(workdir))
+    resumed = trainer.train_and_evaluate(config, str(workdir))
     assert_ends_like_uninterrupted(resumed, workdir, experiment, uninterrupted)
 
 
@@ -101,7 +101,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(
     config, experiment, uninterrupted, tmp_path, caplog
 ):
     workdir = tmp_path / "run"
-    train.train_and_evaluate(config, str(workdir), max_steps=8)
+    trainer.train_and_evaluate(config, str(workdir), max_steps=8)
     assert committed_steps(workdir) == [4, 8]
     # Truncate the array data of step 8, as an interrupted copy or a failing disk would.
     data_files = list((workdir / "checkpoints" / "8" / "state" / "d").iterdir())
@@ -110,7 +110,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     with caplog.at_level("WARNING"):
-        resumed = train.train_and_evaluate(config, str(workdir))
+        resumed = trainer.train_and_evaluate(config, str(workdir))
     assert "Could not restore the checkpoint at step 8" in caplog.text
     assert "falling back to the previous one" in caplog.text
     assert_ends_like_uninterrupted(resumed, workdir, experiment, uninterrupted)
@@ -120,5 +120,5 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(
     for path in (workdir / "checkpoints").glob("*/state/d/*"):
         path.write_bytes(b"")
     with pytest.raises(RuntimeError, match=r"none of the checkpoints .* \(steps \[12, 8\]\)"):
-        train.train_and_evaluate(config, str(workdir))
+        trainer.train_and_evaluate(config, str(workdir))
     assert committed_steps(workdir) == [8, 12]

@@ -12,8 +12,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jprompt import config_lib, sweep
 from jprompt.data import pipeline, presets
+from jprompt.tools import sweep
+from jprompt.train import config_lib
 from tests.helpers import ROOT, load_config
 
 # The VTAB-1k protocol (task_adaptation's data/*.py, which VPT reuses): train800, val200, test

@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 
-from jprompt import config_lib
 from jprompt.data import pipeline
 from jprompt.data.preprocess import PreprocessSpec
 from jprompt.models import backbones, vit, vit_checkpoint
+from jprompt.train import config_lib
 
 
 def test_shipped_backbone_classifies_its_source_task(shapes_data_dir):

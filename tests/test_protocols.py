@@ -2,9 +2,9 @@
 
 import pytest
 
-from jprompt import config_lib, protocols
 from jprompt.data import pipeline
 from jprompt.models import backbones
+from jprompt.train import config_lib, protocols
 from tests.helpers import ROOT
 
 

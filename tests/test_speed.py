@@ -14,8 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from jprompt import compilation, methods, train_step
+from jprompt import methods
 from jprompt.models import backbones
+from jprompt.train import compilation
+from jprompt.train.step import make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 IMAGE = 32
@@ -46,7 +48,7 @@ def _step(
         "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
     }
     step = jax.jit(
-        train_step.make_train_step(method, tx, steps_per_epoch=10),
+        make_train_step(method, tx, steps_per_epoch=10),
         compiler_options=compiler_options,
     )
     return step, (state, frozen, batch, jax.random.key(2))

@@ -4,8 +4,9 @@ import hashlib
 import json
 import statistics
 
-from jprompt import config_lib, protocols, sweep, tables
 from jprompt.models import backbones
+from jprompt.tools import sweep, tables
+from jprompt.train import config_lib, protocols
 from tests.helpers import ROOT
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import to_numpy
 
-from jprompt import events, train
+from jprompt.train import events, trainer
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def tiny_config(shapes_data_dir):
 
 def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path):
     config = tiny_config()
-    results = train.train_and_evaluate(config, str(tmp_path))
+    results = trainer.train_and_evaluate(config, str(tmp_path))
 
     written = json.loads((tmp_path / "results.json").read_text())
     assert written == results
@@ -56,7 +56,7 @@ def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path
 
     # A second run with the same workdir resumes: nothing is retrained or rewritten.
     stamp = (tmp_path / "results.json").stat().st_mtime_ns
-    again = train.train_and_evaluate(config, str(tmp_path))
+    again = trainer.train_and_evaluate(config, str(tmp_path))
     assert again == results
     assert (tmp_path / "results.json").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
@@ -64,14 +64,14 @@ def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path
 
 def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
     config = tiny_config()
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
     # Stop mid-epoch, then again after the first epoch's checkpoint, then finish.
     parts = tmp_path / "parts"
-    assert train.train_and_evaluate(config, str(parts), max_steps=3)["stopped_at_step"] == 3
-    assert train.train_and_evaluate(config, str(parts), max_steps=2)["stopped_at_step"] == 5
-    resumed = train.train_and_evaluate(config, str(parts))
+    assert trainer.train_and_evaluate(config, str(parts), max_steps=3)["stopped_at_step"] == 3
+    assert trainer.train_and_evaluate(config, str(parts), max_steps=2)["stopped_at_step"] == 5
+    resumed = trainer.train_and_evaluate(config, str(parts))
 
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     expected = helpers.latest_trained(tmp_path / "whole", experiment)
     got = helpers.latest_trained(parts, experiment)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
@@ -88,8 +88,8 @@ def run_steps(experiment, num_steps):
 def test_eight_devices_match_one_device(tiny_config, file):
     config = tiny_config(file)
     assert jax.device_count() == 8
-    sharded = train.create_experiment(config)
-    single = train.create_experiment(config, devices=jax.devices()[:1])
+    sharded = trainer.create_experiment(config)
+    single = trainer.create_experiment(config, devices=jax.devices()[:1])
     losses_8, params_8 = run_steps(sharded, 4)
     losses_1, params_1 = run_steps(single, 4)
     np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
@@ -101,7 +101,7 @@ def test_eight_devices_match_one_device(tiny_config, file):
 
 @pytest.mark.parametrize("file", ["vp.py", "linear_probe.py"])
 def test_frozen_backbone_is_bit_identical_after_training(tiny_config, file):
-    experiment = train.create_experiment(tiny_config(file))
+    experiment = trainer.create_experiment(tiny_config(file))
     frozen_before = to_numpy(experiment.frozen)
     trained_before = to_numpy(experiment.state["trained"])
     assert "backbone" not in trained_before["params"]
@@ -112,7 +112,7 @@ def test_frozen_backbone_is_bit_identical_after_training(tiny_config, file):
 
 
 def test_finetune_trains_the_backbone(tiny_config):
-    experiment = train.create_experiment(tiny_config("finetune.py"))
+    experiment = trainer.create_experiment(tiny_config("finetune.py"))
     assert experiment.frozen == {}
     before = to_numpy(experiment.state["trained"]["params"]["backbone"])
     # The zero-initialised head passes no gradient on the first steps (and warmup starts at lr 0).
@@ -125,21 +125,21 @@ def test_finetune_trains_the_backbone(tiny_config):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     config = tiny_config()
-    train.train_and_evaluate(config, str(tmp_path), max_steps=4)  # one good epoch
+    trainer.train_and_evaluate(config, str(tmp_path), max_steps=4)  # one good epoch
     config.unlock()
     config.optim.lr = 1e30
     config.optim.lr_by_path = (("head/.*", 1e30),)
     # Step 5 still sees the good parameters; its update explodes them, so step 6's loss is the
     # first non-finite one, and the check after step 6 reports exactly that step.
     with pytest.raises(FloatingPointError, match=r"loss became NaN or Inf at step 6") as error:
-        train.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))
     assert "last good checkpoint (step 4) is kept" in str(error.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
 
 
 def test_non_finite_input_is_reported_with_its_step(tiny_config, tmp_path, monkeypatch):
     config = tiny_config(log_every_steps=4)
-    clean_batches = train.Experiment.train_batches
+    clean_batches = trainer.Experiment.train_batches
 
     def batches_with_a_nan_at_step_3(self, start_step=0):
         for step, batch in enumerate(clean_batches(self, start_step), start=start_step + 1):
@@ -148,9 +148,9 @@ def test_non_finite_input_is_reported_with_its_step(tiny_config, tmp_path, monke
                 batch["image"][1, 2, 3, 0] = np.nan
             yield batch
 
-    monkeypatch.setattr(train.Experiment, "train_batches", batches_with_a_nan_at_step_3)
+    monkeypatch.setattr(trainer.Experiment, "train_batches", batches_with_a_nan_at_step_3)
     with pytest.raises(FloatingPointError, match="input images of step 3 contain NaN") as error:
-        train.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path))
     assert "no checkpoint was written before it" in str(error.value)
     checkpoints = tmp_path / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
@@ -160,26 +160,26 @@ def test_unwritable_workdir_fails_before_any_work(tiny_config, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="not writable"):
-        train.train_and_evaluate(tiny_config(), str(blocker / "workdir"))
+        trainer.train_and_evaluate(tiny_config(), str(blocker / "workdir"))
 
 
 def test_batch_not_divisible_by_devices_fails_clearly(tiny_config):
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-        train.create_experiment(tiny_config(batch_size=60))
+        trainer.create_experiment(tiny_config(batch_size=60))
 
 
 def test_unknown_backbone_and_dataset_fail_listing_choices(tiny_config):
     with pytest.raises(ValueError, match=r"unknown backbone 'vit_q16'; valid choices: \[.*vit_b16"):
-        train.create_experiment(tiny_config(**{"backbone.name": "vit_q16"}))
+        trainer.create_experiment(tiny_config(**{"backbone.name": "vit_q16"}))
     with pytest.raises(ValueError, match=r"unknown tfds dataset 'cifar1000'.*close matches"):
-        train.create_experiment(tiny_config(**{"dataset.name": "cifar1000"}))
+        trainer.create_experiment(tiny_config(**{"dataset.name": "cifar1000"}))
     with pytest.raises(ValueError, match=r"unknown config 'colours'.*valid configs: \['shapes'"):
-        train.create_experiment(tiny_config(**{"dataset.name": "jprompt_shapes/colours"}))
+        trainer.create_experiment(tiny_config(**{"dataset.name": "jprompt_shapes/colours"}))
 
 
 def test_test_selected_number_is_reported_apart_and_never_selects(tiny_config, tmp_path):
-    results = train.train_and_evaluate(tiny_config(report_test_selected=True), str(tmp_path))
-    each_epoch = json.loads((tmp_path / train.TEST_EACH_EPOCH_FILE).read_text())
+    results = trainer.train_and_evaluate(tiny_config(report_test_selected=True), str(tmp_path))
+    each_epoch = json.loads((tmp_path / trainer.TEST_EACH_EPOCH_FILE).read_text())
     assert sorted(each_epoch) == ["4", "8"]  # after each of the 2 epochs of 4 steps
     # The honest number is the validation-selected state's: one of the per-epoch ones.
     assert each_epoch[str(results["best_step"])] == results["test"]["accuracy"]
@@ -191,20 +191,20 @@ def test_test_selected_number_is_reported_apart_and_never_selects(tiny_config, t
 
 def test_selection_last_tests_the_final_state(tiny_config, tmp_path):
     config = tiny_config(selection="last")
-    results = train.train_and_evaluate(config, str(tmp_path))
+    results = trainer.train_and_evaluate(config, str(tmp_path))
     assert results["best_step"] == results["total_steps"] == 8
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     final = experiment.evaluate(helpers.latest_trained(tmp_path, experiment), "test[:100]")
     assert results["test"] == final
     with pytest.raises(ValueError, match=r"unknown selection 'best'; valid choices: \('val'"):
-        train.create_experiment(tiny_config(selection="best"))
+        trainer.create_experiment(tiny_config(selection="best"))
 
 
 def test_dataset_that_does_not_fit_its_preset_fails_naming_both(tiny_config):
     config = tiny_config()
     config.dataset.name = "jprompt_shapes/count"  # 6 classes; the colors preset says 8
     with pytest.raises(ValueError) as error:
-        train.create_experiment(config)
+        trainer.create_experiment(config)
     assert str(error.value).startswith(
         "config.dataset.num_classes=8 (preset 'jprompt_shapes/colors') but jprompt_shapes/count "
         "has 6 classes"

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 from etils import epath
 
-from jprompt import visualize
 from jprompt.data.preprocess import CLIP_MEAN, CLIP_STD
+from jprompt.train import visualize
 
 
 def test_grid_places_images_row_major_with_white_gaps():

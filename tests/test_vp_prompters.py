@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprompt import methods, train
+from jprompt import methods
 from jprompt.methods import heads, vp
 from jprompt.models import backbones, vit
+from jprompt.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 S, P = 32, 4
@@ -190,7 +191,7 @@ def test_training_steps_keep_the_backbone_bit_identical(shapes_data_dir, prompte
     config = helpers.shrink(
         load_vp_config(f"demo,backbone=vit_b16,prompter={prompter}"), shapes_data_dir
     )
-    experiment = train.create_experiment(config)
+    experiment = trainer.create_experiment(config)
     trained_before, state = helpers.train_with_frozen_backbone(experiment, 3)
     after = jax.tree.map(np.asarray, state["trained"])
     assert after["params"]["prompter"]["patch"].shape == (4, 4, 3)

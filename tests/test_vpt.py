@@ -12,9 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from jprompt import config_lib, methods, train
+from jprompt import methods
 from jprompt.methods import heads, vpt
 from jprompt.models import backbones, vit, vit_checkpoint
+from jprompt.train import config_lib, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 P = 4  # prompt tokens in the small tests (one P everywhere: shared shapes compile once)
@@ -393,7 +394,7 @@ def test_recipe_of_the_full_config():
 
 @pytest.mark.parametrize("arg", ["demo", "demo,deep"])
 def test_training_steps_keep_the_backbone_bit_identical(small_vpt_config, arg):
-    experiment = train.create_experiment(small_vpt_config(arg))
+    experiment = trainer.create_experiment(small_vpt_config(arg))
     trained_before, state = helpers.train_with_frozen_backbone(experiment, 3)
     after = jax.tree.map(np.asarray, state["trained"])
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), after, trained_before)

@@ -2,8 +2,8 @@
 
 ``normalized = rgb * scale + offset`` for RGB in [0, 255]. The input pipeline
 (``jprompt.data.preprocess``) applies these maps inside ``tf.data``; the pictures
-(``jprompt.visualize``) and PGN prompt inversion (``jprompt.inversion``) undo them, so both
-directions come from this one definition. No TensorFlow here: the methods import it.
+(``jprompt.train.visualize``) and PGN prompt inversion (``jprompt.methods.inversion``) undo them,
+so both directions come from this one definition. No TensorFlow here: the methods import it.
 """
 
 import numpy as np

@@ -3,7 +3,7 @@
 ``name`` is a tfds name (``"cifar100"``, ``"jprompt_shapes/shapes"``) and ``split`` a tfds split
 string, slicing included (``"train[:90%]"``). Every process reads only its own share of the
 split (``tfds.even_splits``) and yields host-local numpy batches of
-``global_batch_size // process_count`` examples; ``jprompt.sharding`` assembles global arrays.
+``global_batch_size // process_count`` examples; ``jprompt.train.sharding`` assembles global arrays.
 
 Training is deterministic and resumable: the shuffle is seeded (and reshuffles every epoch),
 and each example's augmentation seed is derived from ``(seed, process_index, k)`` where ``k``

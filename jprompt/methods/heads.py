@@ -2,8 +2,8 @@
 
 - Linear: ``{"kernel": (F, C), "bias": (C,)}``, trained with the method.
 - Zero-shot (CLIP): ``{"class_embeddings": (C, E), "logit_scale": ()}`` computed once from the
-  text tower (``jprompt.zeroshot``) and kept frozen; logits are ``exp(logit_scale)`` times the
-  cosine between the image features and each class embedding, as in the VP and PGN code.
+  text tower (``jprompt.methods.zeroshot``) and kept frozen; logits are ``exp(logit_scale)`` times
+  the cosine between the image features and each class embedding, as in the VP and PGN code.
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 """Linear probe: a linear classifier on the frozen backbone's pre-logits features.
 
 With ``cache_features`` the trainer computes each image's features once and trains the head on
-them (``jprompt.feature_cache``): its steps run ``on_features()``, this probe without the
+them (``jprompt.train.feature_cache``): its steps run ``on_features()``, this probe without the
 backbone, whose input is those features.
 
 With a zero-shot head (CLIP) nothing trains: ``ZeroShot`` is that case under its own name, so a

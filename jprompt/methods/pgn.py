@@ -25,8 +25,8 @@ statistics in ``aux["mutable"]["batch_stats"]`` (the trainer writes them back); 
 uses the running statistics, so an image's prediction does not depend on its batch.
 ``aux["token_weights"]`` is the ``(B, K, N)`` mixture per image, for visualisation.
 
-``deployable=True`` trains in the geometry of prompt inversion (``jprompt.inversion``), so that
-the trained PGN can be deployed as plain RGB rows below the image to the unmodified backbone:
+``deployable=True`` trains in the geometry of prompt inversion (``jprompt.methods.inversion``), so
+that the trained PGN can be deployed as plain RGB rows below the image to the unmodified backbone:
 the K tokens are followed by the constant tokens of the mid-gray "filler" patches that complete
 the last extra patch row (``inversion.filler_tokens``, computed from the frozen tree). The
 latent model is then exactly the function the deployed pipeline computes. It needs a backbone
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jprompt import inversion
+from jprompt.methods import inversion
 from jprompt.methods.base import Method
 from jprompt.models import resnet, torch_checkpoint
 from jprompt.models.resnet import ResNet10

@@ -197,8 +197,8 @@ def _build_clip(config: ConfigDict, *, image_size: int, rng: jax.Array):
     else:
         logging.warning(
             "No checkpoint given: %s starts from a RANDOM initialisation (its zero-shot head "
-            "is meaningless); convert a released CLIP file with python -m jprompt.convert_clip "
-            "and set backbone.checkpoint",
+            "is meaningless); convert a released CLIP file with python -m "
+            "jprompt.tools.convert_clip and set backbone.checkpoint",
             config.name,
         )
         params = clip.init_params(config.name, rng, image_size=image_size)

@@ -190,7 +190,7 @@ def load(path, name: str, *, image_size: int) -> dict:
     if not epath.Path(path).exists():
         raise FileNotFoundError(
             f"no CLIP weights at {path}: download the released file once and convert it, e.g. "
-            f"python -m jprompt.convert_clip --input=ViT-B-32.pt --output={path} "
+            f"python -m jprompt.tools.convert_clip --input=ViT-B-32.pt --output={path} "
             f"(or set backbone.checkpoint to an existing file)"
         )
     naming, params = convert(read_state_dict(path))

@@ -7,15 +7,15 @@ the conversion fail unless the file is that variant. The ``.npz`` keeps the file
 and is what ``backbone.checkpoint`` takes. Examples:
 
     # OpenAI's released TorchScript file, as ``clip.load("ViT-B/32")`` downloads it
-    python -m jprompt.convert_clip --input=ViT-B-32.pt --output=clip_b32.npz
+    python -m jprompt.tools.convert_clip --input=ViT-B-32.pt --output=clip_b32.npz
 
     # open_clip: a file from the Hub, or a training checkpoint ({"state_dict": ...})
-    python -m jprompt.convert_clip --input=open_clip_pytorch_model.bin --output=clip_b16.npz \
+    python -m jprompt.tools.convert_clip --input=open_clip_pytorch_model.bin --output=clip_b16.npz \
         --name=clip_b16
-    python -m jprompt.convert_clip --input=logs/run/checkpoints/epoch_32.pt --output=clip.npz
+    python -m jprompt.tools.convert_clip --input=logs/run/checkpoints/epoch_32.pt --output=clip.npz
 
     # Hugging Face: model.safetensors (or pytorch_model.bin) of openai/clip-vit-large-patch14
-    python -m jprompt.convert_clip --input=clip-vit-large-patch14/model.safetensors \
+    python -m jprompt.tools.convert_clip --input=clip-vit-large-patch14/model.safetensors \
         --output=clip_l14.npz
 
 open_clip models trained with GELU (those without ``-quickgelu`` in their name) convert; the

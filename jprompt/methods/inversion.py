@@ -4,7 +4,7 @@ PGN (``jprompt.methods.pgn``) appends K generated tokens to the frozen backbone'
 the position embedding was added. An inference API takes images, not tokens, so to deploy a
 PGN its tokens must become pixels that the unmodified backbone embeds into exactly those tokens.
 This module holds the geometry and the linear algebra of that, as pure functions; the client
-and server built on it live in ``jprompt.serve``.
+and server built on it live in ``jprompt.deploy.serve``.
 
 Geometry. With an image grid of g x g patches of size P, the K tokens become K extra patches in
 ``r = ceil(K / g)`` extra patch ROWS BELOW the image: ``S = r * g`` slots, filled in raster

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jprompt import distributed
+from jprompt.train import distributed
 
 STATE = "state"
 CONFIG = "config"

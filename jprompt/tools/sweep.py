@@ -1,16 +1,16 @@
 r"""Expand a config file's ``sweep(add, arg, name)`` into runs: print them, or run them here.
 
-    python -m jprompt.sweep --config=configs/vpt.py:dataset=vtab/dtd,deep --sweep=lr_wd \
+    python -m jprompt.tools.sweep --config=configs/vpt.py:dataset=vtab/dtd,deep --sweep=lr_wd \
         --seeds=0,1,2 --workdir=/tmp/vpt_dtd                 # prints one command per run
-    python -m jprompt.sweep ... --run                        # runs them one after another
-    python -m jprompt.sweep ... --config.num_epochs=1        # extra overrides for every run
+    python -m jprompt.tools.sweep ... --run                        # runs them one after another
+    python -m jprompt.tools.sweep ... --config.num_epochs=1        # extra overrides for every run
 
 A config file defines ``sweep(add, arg=None, name=...)``: it calls ``add(arg=None, **fields)``
 once per run, where ``arg`` replaces the config arg (e.g. another ``num_tokens``) and
 ``fields`` override config fields by dotted name (``**{"optim.lr": 0.1}``). Every run is
 repeated for each of ``--seeds``. Each run gets its own work directory under ``--workdir``,
 ``<config>.<arg>/<overrides>/seed_<s>``, holding a ``run.json`` (what was run, with the full
-config) beside the trainer's ``results.json``; ``python -m jprompt.tables`` reads them. Every
+config) beside the trainer's ``results.json``; ``python -m jprompt.tools.tables`` reads them. Every
 run's config is built and its overrides applied before anything runs, so a typo fails at once.
 A run whose ``results.json`` exists is skipped; an interrupted one resumes.
 """
@@ -25,7 +25,7 @@ import sys
 
 from ml_collections import ConfigDict
 
-from jprompt import config_lib
+from jprompt.train import config_lib
 
 RUN_FILE = "run.json"
 
@@ -94,13 +94,13 @@ def _record(run: Run, config: ConfigDict) -> None:
 
 def run_all(runs: list[Run]) -> None:
     """Train the runs one after another in this process."""
-    from jprompt import train  # JAX and the trainer only when something runs
+    from jprompt.train import trainer  # JAX and the trainer only when something runs
 
     for i, run in enumerate(runs):
         config = build_config(run)
         _record(run, config)
         print(f"[{i + 1}/{len(runs)}] {run.command()}", flush=True)
-        train.train_and_evaluate(config, run.workdir)
+        trainer.train_and_evaluate(config, run.workdir)
 
 
 def _extra_overrides(unknown: list[str]) -> dict:

@@ -8,7 +8,7 @@ paper itself varies (backbone size, prompt length, shallow or deep, the dataset)
 benchmarks (``config_lib.apply_protocol``); every run writes its card (``card``: the config
 flattened, with the activation and normalization it resolved to, and the checkpoint's file name
 and sha256) into results.json; ``differences`` lists each field where a run departs from the
-paper, and ``jprompt.tables`` prints a paper's number beside a run only when there is none.
+paper, and ``jprompt.tools.tables`` prints a paper's number beside a run only when there is none.
 What jprompt still does differently from the official code, and why, is in ``Protocol.notes``.
 """
 
@@ -25,7 +25,7 @@ from jprompt.data import presets
 # VPT's code loads (src/models/build_vit_backbone.py), not the later augreg files.
 VPT_CHECKPOINTS = {"vit_b16": "ViT-B_16.npz", "vit_l16": "ViT-L_16.npz", "vit_h14": "ViT-H_14.npz"}
 VP_TEMPLATES = ("This is a photo of a {}",)  # main_clip.py
-# OpenAI's ViT-B-32.pt as python -m jprompt.convert_clip names it.
+# OpenAI's ViT-B-32.pt as python -m jprompt.tools.convert_clip names it.
 CLIP_B32_FILE = "clip_b32.npz"
 
 
@@ -209,8 +209,8 @@ PROTOCOLS = {
             chosen_per_run=("dataset.train_split", "selection"),
             notes=(
                 "lr and weight decay are chosen per task on val200 (VTAB) or the validation "
-                "split (FGVC) from VPT's grid (python -m jprompt.sweep --sweep=lr_wd); the card "
-                "records them, the protocol does not fix them.",
+                "split (FGVC) from VPT's grid (python -m jprompt.tools.sweep --sweep=lr_wd); the "
+                "card records them, the protocol does not fix them.",
                 "FGVC validation: VPT's split files hold out a random 10% of train; jprompt's "
                 "presets hold out the last 10% (the files are not public in a fetchable form).",
                 "The backbone runs in float32 as VPT's; jprompt's bfloat16 option is off.",

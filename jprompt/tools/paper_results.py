@@ -1,4 +1,4 @@
-"""Numbers the papers report, with their source, for ``jprompt.tables`` to print beside ours.
+"""Numbers the papers report, with their source, for ``jprompt.tools.tables`` to print beside ours.
 
 Top-1 accuracy in percent. ``benchmark`` is a preset name (one dataset) or a preset group
 (``vtab-natural`` ...: the mean over that group's tasks, as VPT reports it). Only numbers read
@@ -15,7 +15,7 @@ class PaperResult:
     backbone: str  # jprompt backbone name the paper's number was measured with
     accuracy: float
     source: str
-    protocol: str  # the jprompt.protocols name a run must follow to be compared with it
+    protocol: str  # the jprompt.train.protocols name a run must follow to be compared with it
 
 
 _VPT = "Jia et al. 2022 (VPT), Table 1: ViT-B/16 ImageNet-21k"

@@ -26,9 +26,9 @@ import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jprompt import sharding
 from jprompt.data import pipeline
 from jprompt.data.preprocess import PreprocessSpec
+from jprompt.train import sharding
 
 # The train crops that ignore their seed, and the eval crop that computes the same pixels
 # (``jprompt.data.preprocess``: both "resize" squash to the image size, both "center_crop"

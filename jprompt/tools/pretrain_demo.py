@@ -8,9 +8,9 @@ published file; for the tiny CLIP in ``jprompt.models.clip_checkpoint``'s naming
 tower and logit scale its zero-shot head was made of (see ``configs/pretrain_tiny.py``). The
 package ships the results as ``jprompt/assets/{vit,clip}_tiny4_shapes.npz``; to reproduce them:
 
-    python -m jprompt.pretrain_demo --workdir=/tmp/pretrain_demo \
+    python -m jprompt.tools.pretrain_demo --workdir=/tmp/pretrain_demo \
         --out=jprompt/assets/vit_tiny4_shapes.npz
-    python -m jprompt.pretrain_demo --backbone=clip_tiny4 --workdir=/tmp/pretrain_clip \
+    python -m jprompt.tools.pretrain_demo --backbone=clip_tiny4 --workdir=/tmp/pretrain_clip \
         --out=jprompt/assets/clip_tiny4_shapes.npz
 """
 
@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from jprompt import config_lib, train
 from jprompt.models import vit_checkpoint
+from jprompt.train import config_lib, trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the pretraining run.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the .npz backbone.")
@@ -40,9 +40,9 @@ def pretraining_config(epochs: int, backbone: str):
 def main(argv):
     del argv
     config = pretraining_config(_EPOCHS.value, _BACKBONE.value)
-    results = train.train_and_evaluate(config, _WORKDIR.value)
+    results = trainer.train_and_evaluate(config, _WORKDIR.value)
     logging.info("Source task test accuracy: %.4f", results["test"]["accuracy"])
-    experiment, trained = train.restore_best(config, _WORKDIR.value)
+    experiment, trained = trainer.restore_best(config, _WORKDIR.value)
     params = dict(trained["params"]["backbone"])
     text = experiment.method.backbone.text
     if text is None:

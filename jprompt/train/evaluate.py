@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jprompt import sharding
 from jprompt.methods.base import Method
-from jprompt.metrics import Classification
+from jprompt.train import sharding
+from jprompt.train.metrics import Classification
 
 
 def make_eval_step(method: Method) -> Callable:

@@ -11,9 +11,10 @@ resumed run ends exactly where an uninterrupted one would, however the previous 
 checkpoint is redone).
 
 A linear probe with ``cache_features`` computes each image's backbone features once and trains
-its head on them (``jprompt.feature_cache``); the loop, checkpoints and selection are the same.
+its head on them (``jprompt.train.feature_cache``); the loop, checkpoints and selection are the
+same.
 
-In a multi-process job (``jprompt.distributed``) every process runs this same loop on its own
+In a multi-process job (``jprompt.train.distributed``) every process runs this same loop on its own
 share of the data; only process 0 writes logs, pictures and results.
 """
 
@@ -31,26 +32,26 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import ConfigDict
 
-from jprompt import (
+from jprompt import methods
+from jprompt.data import mixture, pipeline, presets
+from jprompt.data.preprocess import PreprocessSpec
+from jprompt.methods import zeroshot
+from jprompt.methods.base import Method
+from jprompt.models import backbones
+from jprompt.train import (
     checkpoint,
     compilation,
     config_lib,
     distributed,
     feature_cache,
-    methods,
     optim,
     protocols,
     sharding,
     visualize,
-    zeroshot,
 )
-from jprompt.data import mixture, pipeline, presets
-from jprompt.data.preprocess import PreprocessSpec
-from jprompt.evaluate import evaluate, make_eval_step
-from jprompt.methods.base import Method
-from jprompt.metrics import NO_STEP
-from jprompt.models import backbones
-from jprompt.train_step import make_train_step
+from jprompt.train.evaluate import evaluate, make_eval_step
+from jprompt.train.metrics import NO_STEP
+from jprompt.train.step import make_train_step
 
 RESULTS_FILE = "results.json"
 # config.report_test_selected: {step: test accuracy} after every epoch.
@@ -617,7 +618,7 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
 
 def protocol_report(experiment) -> dict:
     """The run's protocol card and, when its config names a protocol, where it departs from it
-    (``jprompt.protocols``)."""
+    (``jprompt.train.protocols``)."""
     config = experiment.config
     card = protocols.card(
         config.to_dict(),

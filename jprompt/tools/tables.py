@@ -1,10 +1,10 @@
 r"""Collect a sweep's ``results.json`` files into a table, beside the papers' numbers.
 
-    python -m jprompt.tables /tmp/vtab_sweep                   # markdown
-    python -m jprompt.tables /tmp/vtab_sweep --format=csv
-    python -m jprompt.tables /tmp/vtab_sweep --test_selected   # + the optimistic column
+    python -m jprompt.tools.tables /tmp/vtab_sweep                   # markdown
+    python -m jprompt.tools.tables /tmp/vtab_sweep --format=csv
+    python -m jprompt.tools.tables /tmp/vtab_sweep --test_selected   # + the optimistic column
 
-One row per setting (a ``jprompt.sweep`` run without its seed): top-1 accuracy in percent as
+One row per setting (a ``jprompt.tools.sweep`` run without its seed): top-1 accuracy in percent as
 mean ± sample standard deviation over its seeds, on the validation split and on the test split.
 Per method, dataset and backbone the setting with the best mean validation accuracy is marked
 ``selected``: the honest number. ``--test_selected`` adds, clearly labelled, the setting that is
@@ -13,7 +13,7 @@ test accuracies over each benchmark group (VTAB natural / specialized / structur
 the sweep covers all its datasets, as VPT reports them.
 
 A paper's number is printed beside a row only when every run of the row followed that paper's
-protocol (``jprompt.protocols``: the protocol card in its results.json has no difference from
+protocol (``jprompt.train.protocols``: the protocol card in its results.json has no difference from
 it); otherwise the paper column says which fields differ. Fewer seeds than the paper averages
 are said beside the number.
 """
@@ -28,11 +28,12 @@ import pathlib
 import statistics
 import sys
 
-from jprompt import paper_results, protocols
 from jprompt.data import presets
-from jprompt.sweep import RUN_FILE
+from jprompt.tools import paper_results
+from jprompt.tools.sweep import RUN_FILE
+from jprompt.train import protocols
 
-RESULTS_FILE = "results.json"  # as jprompt.train writes it
+RESULTS_FILE = "results.json"  # as jprompt.train.trainer writes it
 
 
 @dataclasses.dataclass
@@ -78,7 +79,7 @@ def collect(root) -> list[Row]:
                 filter(None, [run["arg"]] + [f"{k}={v}" for k, v in overrides.items()])
             )
             method, dataset = paper_results.method_label(config), config["dataset"]["preset"]
-        else:  # a run made without jprompt.sweep: its directory names the setting
+        else:  # a run made without jprompt.tools.sweep: its directory names the setting
             setting = str(path.parent.parent.relative_to(root))
             method, dataset = results["method"], results["dataset"]
         key = (method, dataset, results["backbone"], setting)

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
-from jprompt import protocols
 from jprompt.data import presets, synthetic
 from jprompt.models import backbones
+from jprompt.train import protocols
 
 # Published checkpoints: the ImageNet-21k runs of "How to train your ViT?" (Steiner et al. 2021)
 # that its authors recommend for transfer (also big_vision's "howto-i21k" list). Point
@@ -36,14 +36,15 @@ CHECKPOINTS = {
 ORIGINAL_IN21K = "gs://vit_models/imagenet21k/"
 
 # CLIP weights are not published as .npz: convert a downloaded file once with
-# ``python -m jprompt.convert_clip`` into this directory (or point backbone.checkpoint elsewhere).
+# ``python -m jprompt.tools.convert_clip`` into this directory (or point backbone.checkpoint
+# elsewhere).
 CLIP_CHECKPOINT_DIR = "~/jprompt_models"
 RELEASED_CLIP = ("clip_b32", "clip_b16", "clip_l14")  # OpenAI's ViT-B-32.pt, ViT-B-16.pt, ...
 CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in RELEASED_CLIP})
 
 # The offline demos: tiny backbones pretrained on the procedural ``shapes`` task (shipped with
-# the package, made by ``python -m jprompt.pretrain_demo``) adapted to the ``colors`` task, which
-# their colour-invariant shape features do not solve on their own. ``backbone=clip_*`` with
+# the package, made by ``python -m jprompt.tools.pretrain_demo``) adapted to the ``colors`` task,
+# which their colour-invariant shape features do not solve on their own. ``backbone=clip_*`` with
 # ``demo`` selects the tiny CLIP, any other backbone the tiny ViT.
 DEMO_BACKBONE = "vit_tiny4"
 DEMO_CLIP_BACKBONE = "clip_tiny4"
@@ -123,8 +124,8 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
     config = ConfigDict()
     config.seed = 0
-    # The paper protocol this run follows (jprompt.protocols; "" = none), set by the config files
-    # for their paper's benchmarks with apply_protocol.
+    # The paper protocol this run follows (jprompt.train.protocols; "" = none), set by the config
+    # files for their paper's benchmarks with apply_protocol.
     config.protocol = ""
 
     preset = presets.get(dataset)
@@ -194,13 +195,13 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             schedule="cosine",  # cosine | constant
             warmup_steps=0,
             warmup_epochs=0.0,  # added to warmup_steps
-            warmup_rule="from_zero",  # from_zero | vp | pgn (jprompt.optim.WARMUP_RULES)
+            warmup_rule="from_zero",  # from_zero | vp | pgn (jprompt.train.optim.WARMUP_RULES)
             end_lr_factor=0.0,
             schedule_unit="step",  # step | epoch (the schedule advances once per epoch)
         )
     )
     # Devices along the mesh's ``model`` axis, over which the frozen backbone is sharded
-    # (jprompt.sharding); 1 replicates it on every device.
+    # (jprompt.train.sharding); 1 replicates it on every device.
     config.model_axis_size = 1
     config.batch_size = 128 if demo else 256
     config.eval_batch_size = 256
@@ -224,7 +225,7 @@ def config_for_args(args: ConfigDict) -> ConfigDict:
 
 
 def apply_protocol(config: ConfigDict, name: str) -> ConfigDict:
-    """Set every field that paper protocol ``name`` fixes (``jprompt.protocols``), except the
+    """Set every field that paper protocol ``name`` fixes (``jprompt.train.protocols``), except the
     backbone itself (the user's ``backbone=``) and the fields its runs vary.
 
     The checkpoint follows the protocol's file where the backbone is the paper's own.

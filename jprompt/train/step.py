@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jprompt.methods.base import Method
-from jprompt.metrics import Training
+from jprompt.train.metrics import Training
 
 
 def make_train_step(

@@ -2,7 +2,7 @@ r"""Deploying a PGN as plain RGB: the client that builds prompted images, and a 
 
 The PGN papers' deployment story: the frozen model sits behind an inference API that only
 takes images; the client runs the small PGN and sends an image that already carries the prompt
-(``jprompt.inversion`` explains the geometry and the solve). Here:
+(``jprompt.methods.inversion`` explains the geometry and the solve). Here:
 
 - ``ClientModel``: what the client needs, exported from a trained deployable PGN as one small
   standalone ``.npz`` (generator parameters and BN statistics, token library, the precomputed
@@ -17,9 +17,9 @@ takes images; the client runs the small PGN and sends an image that already carr
 
 Command line (``--config`` and ``--workdir`` name a trained run, as for ``jprompt.main``)::
 
-    python -m jprompt.serve --mode=export --config=CONFIG --workdir=W --client_file=pgn.npz
-    python -m jprompt.serve --mode=serve --config=CONFIG --workdir=W --port=8000
-    python -m jprompt.serve --mode=client --client_file=pgn.npz --image=photo.png \
+    python -m jprompt.deploy.serve --mode=export --config=CONFIG --workdir=W --client_file=pgn.npz
+    python -m jprompt.deploy.serve --mode=serve --config=CONFIG --workdir=W --port=8000
+    python -m jprompt.deploy.serve --mode=client --client_file=pgn.npz --image=photo.png \
         --url=http://127.0.0.1:8000/predict [--prompted_out=prompted.png]
 """
 
@@ -39,11 +39,11 @@ from etils import epath
 from flax import struct, traverse_util
 from ml_collections import config_flags
 
-from jprompt import inversion, train
 from jprompt.data import pipeline, preprocess, presets
-from jprompt.methods import heads, pgn
+from jprompt.methods import heads, inversion, pgn
 from jprompt.models.backbones import Backbone
 from jprompt.models.resnet import ResNet10
+from jprompt.train import trainer
 
 PREDICT_PATH = "/predict"
 
@@ -219,8 +219,8 @@ class ServedModel:
         return _served_logits(self, jnp.asarray(images))
 
     @classmethod
-    def from_experiment(cls, experiment: train.Experiment, trained: dict) -> "ServedModel":
-        """The backbone and head of a run (``train.restore_best``), with its dataset's class
+    def from_experiment(cls, experiment: trainer.Experiment, trained: dict) -> "ServedModel":
+        """The backbone and head of a run (``trainer.restore_best``), with its dataset's class
         names."""
         data = experiment.config.dataset
         info = pipeline.dataset_info(
@@ -354,7 +354,7 @@ def main(argv):
     args = flags.FLAGS
     mode = args.mode
     if mode in ("export", "serve"):
-        experiment, trained = train.restore_best(args.config, args.workdir)
+        experiment, trained = trainer.restore_best(args.config, args.workdir)
         if mode == "export":
             client = ClientModel.from_pgn(experiment.method, trained, experiment.frozen)
             client.save(args.client_file)
