@@ -169,7 +169,7 @@ class _Shares:
     shares: tuple
 
     def explain(self, error: tf.errors.InvalidArgumentError) -> ValueError:
-        label_error = pipeline._LABEL_ASSERTION in error.message
+        label_error = pipeline.LABEL_ASSERTION in error.message
         at_fault = (
             s for s in self.shares if (s.bad_labels() if label_error else s.undecodable()[0])
         )
@@ -232,13 +232,13 @@ def train_iterator(
         raise ValueError(
             f"unknown sampling {sampling!r} (config.dataset.sampling); valid choices: {SAMPLINGS}"
         )
-    index, count, batch = pipeline._process(process_index, process_count, global_batch_size)
-    pipeline._check_drop_last(drop_last, skip_undecodable)
+    index, count, batch = pipeline.process_batch(process_index, process_count, global_batch_size)
+    pipeline.check_drop_last(drop_last, skip_undecodable)
     parts = _checked(name, split, data_dir, label_map, num_classes)
     shares, streams, sizes, share_sizes = [], [], [], []
     for source, part in enumerate(parts):
         builder = pipeline.load_builder(part.preset.tfds_spec, data_dir)
-        share = pipeline._share(
+        share = pipeline.open_share(
             builder, part.preset.tfds_spec, part.split, index, count, part.preset.label_map, None
         )
         if not share.size:
@@ -258,7 +258,7 @@ def train_iterator(
         )
         shares.append(share)
         sizes.append(size)
-        share_sizes.append(pipeline._eval_plan(builder, part.split, count, batch)[0])
+        share_sizes.append(pipeline.eval_plan(builder, part.split, count, batch)[0])
     # Every process makes as many batches per pass as the one with the largest share.
     per_epoch = (
         sum(sizes) if drop_last else math.ceil(max(np.sum(share_sizes, axis=0)) / batch) * batch
@@ -282,7 +282,7 @@ def train_iterator(
         return out if drop_last else {**out, "mask": mask}
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = pipeline._deterministic(ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+    ds = pipeline.deterministic(ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
     return pipeline.numpy_batches(ds, _Shares(tuple(shares)))
 
 

@@ -160,7 +160,7 @@ def _class_label(builder, name: str, label_key: str) -> tfds.features.ClassLabel
     return label
 
 
-def _process(process_index, process_count, global_batch_size) -> tuple[int, int, int]:
+def process_batch(process_index, process_count, global_batch_size) -> tuple[int, int, int]:
     """(process_index, process_count, host-local batch size), defaulting to JAX's values."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
@@ -174,14 +174,14 @@ def _process(process_index, process_count, global_batch_size) -> tuple[int, int,
 
 
 # Marks the assertion a bad label trips inside the tf.data graph, to tell it from a decode error.
-_LABEL_ASSERTION = "jprompt: label out of range"
+LABEL_ASSERTION = "jprompt: label out of range"
 _NAMED_AT_MOST = 5  # bad examples named in an error or warning
 # (data_dir, split share, example map) -> positions of undecodable examples, the first ids.
 _UNDECODABLE: dict[tuple, tuple[tuple[int, ...], list[str]]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
-class _Share:
+class Share:
     """This process's share of a split (``tfds.even_splits``), and what went wrong in it.
 
     Examples are read in file order as (position in the share, encoded image bytes, label):
@@ -228,7 +228,7 @@ class _Share:
         def unpack(position, example):
             image, label = self.example_map.fn(example)
             in_range = tf.logical_and(label >= 0, label < self.num_classes)
-            with tf.control_dependencies([tf.debugging.Assert(in_range, [_LABEL_ASSERTION])]):
+            with tf.control_dependencies([tf.debugging.Assert(in_range, [LABEL_ASSERTION])]):
                 return position, image, tf.identity(label)
 
         ds = self._read().map(unpack)
@@ -276,7 +276,7 @@ class _Share:
 
     def explain(self, error: tf.errors.InvalidArgumentError) -> ValueError:
         """An error naming the examples behind ``error``, raised while reading this share."""
-        if _LABEL_ASSERTION in error.message:
+        if LABEL_ASSERTION in error.message:
             bad = self.bad_labels()
             ids = self.example_ids([position for position, _ in bad])
             pairs = zip(ids, bad, strict=True)
@@ -295,7 +295,8 @@ class _Share:
         )
 
 
-def _share(builder, name, split, index, count, label_map, num_classes) -> _Share:
+def open_share(builder, name, split, index, count, label_map, num_classes) -> Share:
+    """Share ``index`` of ``count`` of ``name:split``, its keys and classes checked."""
     example_map = presets.example_map(label_map)
     _check_keys(builder, name, example_map.image_key, *example_map.features)
     _split_size(builder, name, split)
@@ -303,17 +304,18 @@ def _share(builder, name, split, index, count, label_map, num_classes) -> _Share
         num_classes = example_map.num_classes or (
             _class_label(builder, name, example_map.features[0]).num_classes
         )
-    return _Share(builder, name, split, index, count, example_map, num_classes)
+    return Share(builder, name, split, index, count, example_map, num_classes)
 
 
-def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+def deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` in the same order on every run: a resumed iterator must equal an uninterrupted one."""
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
 
 
-def numpy_batches(ds: tf.data.Dataset, share: _Share) -> Iterator[dict]:
-    """Iterate ``ds`` as numpy; a bad example fails naming it (``_Share.explain``)."""
+def numpy_batches(ds: tf.data.Dataset, share: Share) -> Iterator[dict]:
+    """Iterate ``ds`` as numpy; a bad example fails naming it (``Share.explain``)."""
     iterator = ds.as_numpy_iterator()
     while True:
         try:
@@ -341,13 +343,14 @@ def steps_per_epoch(
     """Training steps in one pass over ``num_examples``: the full batches (``drop_last``), or
     every batch, the last one partial (PyTorch's ``drop_last=False``: 800 examples at 128 make
     7 steps)."""
-    _check_drop_last(drop_last, skip_undecodable)
+    check_drop_last(drop_last, skip_undecodable)
     if drop_last:
         return num_examples // global_batch_size
     return math.ceil(num_examples / global_batch_size)
 
 
-def _check_drop_last(drop_last: bool, skip_undecodable: bool) -> None:
+def check_drop_last(drop_last: bool, skip_undecodable: bool) -> None:
+    """drop_last=False counts every example into its epochs, which skipping would break."""
     if not drop_last and skip_undecodable:
         raise ValueError(
             "drop_last=False (config.input.drop_last) counts every example of the split into "
@@ -430,12 +433,12 @@ def train_iterator(
     zero images padding the last batch, and the batches a smaller process share needs to match
     the largest).
     """
-    index, count, batch = _process(process_index, process_count, global_batch_size)
+    index, count, batch = process_batch(process_index, process_count, global_batch_size)
     builder = load_builder(name, data_dir)
-    share = _share(builder, name, split, index, count, label_map, num_classes)
+    share = open_share(builder, name, split, index, count, label_map, num_classes)
     if not share.size:
         raise ValueError(f"{name}:{split} has no examples for process {index} of {count}")
-    _check_drop_last(drop_last, skip_undecodable)
+    check_drop_last(drop_last, skip_undecodable)
     ds, _ = share.examples(skip_undecodable=skip_undecodable)
     ds = ds.map(lambda position, encoded, label: (encoded, label))
     base_seed = tf.constant([seed, index], tf.int64)
@@ -456,7 +459,7 @@ def train_iterator(
         ds = padded_epochs(
             ds,
             num_examples=share.size,
-            batches_per_epoch=_eval_plan(builder, split, count, batch)[1],
+            batches_per_epoch=eval_plan(builder, split, count, batch)[1],
             batch=batch,
             seed=seed,
             process_index=index,
@@ -471,11 +474,11 @@ def train_iterator(
             return {"image": image, "label": label, "mask": mask}
 
     ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE)
-    ds = _deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
+    ds = deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
     return numpy_batches(ds, share)
 
 
-def _eval_plan(builder, split, count, batch) -> tuple[list[int], int]:
+def eval_plan(builder, split, count, batch) -> tuple[list[int], int]:
     """Sizes of every process's share and the common number of batches."""
     sizes = [builder.info.splits[share].num_examples for share in tfds.even_splits(split, count)]
     return sizes, math.ceil(max(sizes) / batch)
@@ -490,8 +493,8 @@ def num_eval_batches(
     process_count: int | None = None,
 ) -> int:
     """How many batches ``eval_iterator`` yields (the same on every process)."""
-    _, count, batch = _process(0, process_count, global_batch_size)
-    return _eval_plan(load_builder(name, data_dir), split, count, batch)[1]
+    _, count, batch = process_batch(0, process_count, global_batch_size)
+    return eval_plan(load_builder(name, data_dir), split, count, batch)[1]
 
 
 def eval_iterator(
@@ -513,10 +516,10 @@ def eval_iterator(
     batches a smaller share needs to match the largest, are zeros with ``mask`` 0.0. Labels and
     undecodable images are handled as in ``train_iterator`` (skipped examples are not counted).
     """
-    index, count, batch = _process(process_index, process_count, global_batch_size)
+    index, count, batch = process_batch(process_index, process_count, global_batch_size)
     builder = load_builder(name, data_dir)
-    share = _share(builder, name, split, index, count, label_map, num_classes)
-    _, num_batches = _eval_plan(builder, split, count, batch)
+    share = open_share(builder, name, split, index, count, label_map, num_classes)
+    _, num_batches = eval_plan(builder, split, count, batch)
 
     def prepare(position, encoded, label):
         del position
@@ -536,5 +539,5 @@ def eval_iterator(
     ds = tf.data.Dataset.from_tensors(blank).repeat(num_batches * batch - num_examples)
     if examples is not None:
         ds = examples.map(prepare, num_parallel_calls=_AUTOTUNE).concatenate(ds)
-    ds = _deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
+    ds = deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
     return numpy_batches(ds, share)
