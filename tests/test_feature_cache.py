@@ -40,10 +40,11 @@ def test_cached_training_equals_training_on_images(probe_config):
     # 6 steps: the second pass over the 256 examples reshuffles.
     cached_losses, cached_state = helpers.run_steps(cached, 6)
     uncached_losses, uncached_state = helpers.run_steps(uncached, 6)
-    np.testing.assert_allclose(cached_losses, uncached_losses, rtol=1e-5)
+    # Two compiled programs summing float32 in different orders: relative 1e-4.
+    np.testing.assert_allclose(cached_losses, uncached_losses, rtol=1e-4)
     assert cached_losses[-1] != cached_losses[0]  # it trained
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         to_numpy(cached_state["trained"]),
         to_numpy(uncached_state["trained"]),
     )

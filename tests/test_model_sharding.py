@@ -78,7 +78,8 @@ def test_sharded_backbone_matches_replicated_loss_and_updates(file, shapes_data_
 
     losses, state = helpers.run_steps(reference, 3)
     sharded_losses, sharded_state = helpers.run_steps(sharded, 3)
-    np.testing.assert_allclose(sharded_losses, losses, rtol=1e-5)
+    # Sharded matmuls sum float32 partial products in another order: relative 1e-4.
+    np.testing.assert_allclose(sharded_losses, losses, rtol=1e-4)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         helpers.to_numpy(sharded_state["trained"]),
@@ -88,4 +89,4 @@ def test_sharded_backbone_matches_replicated_loss_and_updates(file, shapes_data_
     val = reference.evaluate(state["trained"], split)
     sharded_val = sharded.evaluate(sharded_state["trained"], split)
     assert sharded_val["num_examples"] == val["num_examples"] == 64
-    np.testing.assert_allclose(sharded_val["loss"], val["loss"], rtol=1e-5)
+    np.testing.assert_allclose(sharded_val["loss"], val["loss"], rtol=1e-4)

@@ -153,13 +153,14 @@ def test_masked_step_equals_a_step_on_the_real_examples_only():
     log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
     loss = -log_probs[np.arange(5), labels[:5]].mean()  # PyTorch's mean over the 5
     values = padded_metrics.compute()
-    np.testing.assert_allclose(values["loss"], loss, rtol=1e-6)
+    # float32 sums of another program (and numpy): relative 1e-5 over 5 examples.
+    np.testing.assert_allclose(values["loss"], loss, rtol=1e-5)
     assert int(values["num_examples"]) == 5
     np.testing.assert_allclose(values["accuracy"], (logits.argmax(1) == labels[:5]).mean())
     for name, value in real_metrics.compute().items():
-        np.testing.assert_allclose(values[name], value, rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(values[name], value, rtol=1e-5, err_msg=name)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         padded_state["trained"],
         real_state["trained"],
     )

@@ -115,7 +115,7 @@ def test_remat_gives_the_same_loss_and_gradients():
     # (for the whole sequence, which XLA drops unread, and for the pooled row).
     jaxpr = str(jax.make_jaxpr(remat_fn)(p))
     assert len(re.findall(r"\b(?:checkpoint|remat\d*)\[", jaxpr)) == backbone.module.depth + 1
-    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # recomputed in another order
     assert float(jnp.abs(grads["prompter"]["tokens"]).max()) > 0
@@ -287,7 +287,7 @@ def test_cpu_step_options_give_the_same_step():
     default_state, default_metrics = default_step(*args)
     tuned_state, tuned_metrics = tuned_step(*args)
     loss = [m.compute()["loss"] for m in (tuned_metrics, default_metrics)]
-    np.testing.assert_allclose(*loss, rtol=1e-6)
+    np.testing.assert_allclose(*loss, rtol=1e-5)
     trained = [tuned_state["trained"], default_state["trained"]]
     for a, b in zip(*map(jax.tree.leaves, trained), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # matmuls sum in another order
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # matmuls sum in another order

@@ -601,7 +601,7 @@ def test_vpt_deep_through_dot_product_attention_has_the_same_output_and_gradient
         return jax.jit(jax.value_and_grad(loss))(deep)
 
     (value, grad), (expected_value, expected_grad) = map(loss_and_grad, ("xla", "heads_major"))
-    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-4)  # two attention programs
     assert np.abs(expected_grad).max() > 1e-3
     np.testing.assert_allclose(grad, expected_grad, atol=2e-5, rtol=1e-4)
 
@@ -641,7 +641,7 @@ def test_pixel_prompt_is_the_prompted_images_output_and_gradient(images):
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     (value, grad), (expected_value, expected) = (value_and_grad(prompt, s) for s in (True, False))
-    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-4)  # two attention programs
     assert np.abs(expected).max() > 1e-3
     np.testing.assert_allclose(grad, expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match=r"pixel_prompt: expected shape \(H, W, 3\)"):
