@@ -17,7 +17,7 @@ images, and prints:
 - the accuracy of both; the fraction of images whose minimum-norm solution left [0, 255] and
   of those whose in-range solve was exact.
 
-``--figure`` writes a few test images next to their prompted versions (the README's figure).
+``--figure`` writes a few test images next to their prompted versions (docs/deploy.md).
 
     python benchmarks/inversion_agreement.py --workdir=/tmp/pgn_rgb --figure=docs/inversion.png
 """
@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from jprompt.deploy import serve
+from jprompt.deploy import client, run
 from jprompt.methods import inversion
 from jprompt.train import config_lib, trainer, visualize
 
@@ -70,20 +70,20 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = load_config(_BACKBONE.value)
     results = trainer.train_and_evaluate(config, _WORKDIR.value)
-    experiment, trained = trainer.restore_best(config, _WORKDIR.value)
-    client = serve.ClientModel.from_pgn(experiment.method, trained, experiment.frozen)
-    served = serve.ServedModel.from_experiment(experiment, trained)
+    experiment, trained = run.restore(config, _WORKDIR.value)
+    pgn_client = run.export_client(experiment, trained)
+    served = run.served_model(experiment, trained)
     latent_fn = jax.jit(functools.partial(experiment.method.apply, rng=None, train=False))
     normalization = experiment.method.backbone.normalization
 
-    images, labels = serve.dataset_images(config, config.dataset.test_split)
+    images, labels = run.dataset_images(config, config.dataset.test_split)
     stages = ("min_norm", "in_range", "images")
     deviation = dict.fromkeys(stages, 0.0)
     latent_top, served_top, exact, out_of_range = [], [], [], []
     for start in range(0, len(images), BATCH_SIZE):
         batch = images[start : start + BATCH_SIZE]
         latent, _ = latent_fn(trained, experiment.frozen, inversion.normalize(batch, normalization))
-        prompted = serve.deploy(client, batch, iterations=_ITERATIONS.value)
+        prompted = client.deploy(pgn_client, batch, iterations=_ITERATIONS.value)
         logits = {stage: served.logits(getattr(prompted, stage)) for stage in stages}
         for stage in stages:
             deviation[stage] = max(deviation[stage], float(np.abs(logits[stage] - latent).max()))
@@ -95,7 +95,7 @@ def main(argv):
     latent_top, served_top = np.concatenate(latent_top), np.concatenate(served_top)
     exact, out_of_range = np.concatenate(exact), np.concatenate(out_of_range)
 
-    geometry = client.geometry
+    geometry = pgn_client.geometry
     print(
         f"{config.backbone.name} (random init) + deployable PGN (K={geometry.num_tokens}, "
         f"{geometry.rows} extra patch rows), {config.dataset.name}:{config.dataset.test_split}, "
@@ -113,7 +113,7 @@ def main(argv):
 
     if _FIGURE.value:
         count = _FIGURE_IMAGES.value
-        prompted = serve.deploy(client, images[:count]).images
+        prompted = client.deploy(pgn_client, images[:count]).images
         path = epath.Path(_FIGURE.value)
         visualize.write_png(path, figure(images[:count], np.asarray(prompted)))
         print(f"Wrote {path} ({path.stat().length / 1024:.0f} KiB)")

@@ -15,12 +15,12 @@ Args (comma-separated after the file name):
   region_size=S    side of a mask region in pixels, must divide the image size (default 32:
                    7x7 regions at 224px; 8 in the demo: 4x4 regions at 32px). The convergence
                    conv's kernel follows it (method.kernel_size; see jprompt/methods/adavipro.py)
-  demo             offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes,
-                   adapted to jprompt_shapes/colors at 32px in under a minute on 2 CPU cores.
-                   Test accuracy with seed 0 (chance is 1/8): the tiny CLIP (default) with its
-                   frozen zero-shot head 0.217 with an 8px frame (the VP demo: 0.318); the tiny
-                   ViT (demo,backbone=vit_b16) with a linear head 0.740 with a 4px frame (the VP
-                   demo: 0.762)
+  demo             offline, on 2 CPU cores: fixes the backbone to a shipped tiny one pretrained
+                   on jprompt_shapes/shapes (the tiny CLIP with its frozen zero-shot head by
+                   default or with backbone=clip_*, the tiny ViT with a linear head with
+                   backbone=vit_*), the dataset to jprompt_shapes/colors (dataset= may name
+                   another jprompt_shapes task; any other dataset is an error), 32px images and
+                   the demo recipe below. It prints the test accuracy (README lists it)
 
 Recipe: VP's (SGD lr 40 for the prompt template, momentum 0.9, no weight decay, batch 256,
 1000 epochs, 1000 warmup steps, cosine decay per step), with the paper's lr 1 for the mask

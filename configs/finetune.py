@@ -6,7 +6,9 @@ r"""Full fine-tuning: every backbone parameter and a new linear head train.
 
 Args: backbone=NAME (default vit_b16; any of jprompt.models.backbones.NAMES), head=linear|zeroshot
 (default: zeroshot on CLIP, which then stays frozen, linear on ViT), dataset=NAME (default
-cifar100), demo (offline tiny run).
+cifar100), demo (offline: fixes the backbone to the shipped tiny ViT, or the tiny CLIP with
+backbone=clip_*, the dataset to jprompt_shapes/colors or another jprompt_shapes task given as
+dataset=, 32px images, batch 128, lr 0.03 and 20 warmup steps).
 
 Recipe of vit_jax's fine-tuning: SGD momentum 0.9, lr 0.01, no weight decay, global-norm gradient
 clipping at 1, 500 warmup steps then cosine, batch 512, 10 epochs here.

@@ -5,7 +5,9 @@ r"""Linear probe: a linear classifier on the frozen backbone's features.
         --workdir=/tmp/linear_cifar100
 
 Args: backbone=NAME (default vit_b16; on a CLIP backbone the probe reads its projected image
-features), dataset=NAME (default cifar100), demo (offline tiny run).
+features), dataset=NAME (default cifar100), demo (offline: fixes the backbone to the shipped tiny
+ViT, or the tiny CLIP with backbone=clip_*, the dataset to jprompt_shapes/colors or another
+jprompt_shapes task given as dataset=, 32px images, 5 epochs with 1 warmup epoch).
 
 Recipe as VPT's linear baseline: SGD momentum 0.9, batch 256, 100 epochs, 10 warmup epochs then
 cosine; lr 0.1 here (VPT searches {50 ... 0.05} x batch/256 on a validation split).

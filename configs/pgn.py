@@ -39,18 +39,19 @@ Args (comma-separated after the file name):
                     learned tokens appended at the end, no generator), same recipe
   deployable        train the PGN in the geometry of prompt inversion
                     (jprompt.methods.inversion), so that it can be served as plain RGB rows
-                    below the image to the unmodified backbone (python -m jprompt.deploy.serve).
+                    below the image to the unmodified backbone (python -m jprompt.deploy).
                     Needs pool "tok" and a patch of at least D/3 pixels: the demo's shipped tiny4
                     backbones have 3*4*4 = 48 < D = 64, so override them with a randomly
                     initialised tiny8 as in the example above (benchmarks/inversion_agreement.py
                     does). Not with baseline
-  demo              offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes (the
-                    tiny CLIP by default, the tiny ViT with backbone=vit_*), adapted to
-                    jprompt_shapes/colors at 32px (8 classes, chance 0.125) with K=8, N=32.
-                    Test accuracy with seed 0, on 2 CPU cores shared with other jobs: tiny CLIP
-                    with its frozen zero-shot head 0.298 (zero-shot 0.130), ``demo,baseline``
-                    (8 input-independent tokens) 0.171; tiny ViT with a linear head
-                    (demo,backbone=vit_b32) 0.878, its baseline 0.785 (benchmarks/transfer.py)
+  demo              offline, on 2 CPU cores: fixes the backbone to a shipped tiny one
+                    pretrained on jprompt_shapes/shapes (the tiny CLIP with its frozen zero-shot
+                    head by default or with backbone=clip_*, the tiny ViT with a linear head
+                    with backbone=vit_*), the dataset to jprompt_shapes/colors (8 classes,
+                    chance 0.125; dataset= may name another jprompt_shapes task or a mixture of
+                    them, any other dataset is an error), 32px images, K=8, N=32 and the demo
+                    recipe below. It prints the test accuracy (README and benchmarks/transfer.py
+                    list them)
 
 Recipe from the official code: SGD momentum 0.9, no weight decay, lr 0.1 for the PGN and the
 head, 100 epochs, linear warmup (50 epochs, the training scripts' default; the first epoch at
@@ -66,7 +67,7 @@ The demo trains 5 epochs at lr 0.1 with a 20-step warmup and a per-step cosine t
 so few epochs a per-epoch schedule would spend the whole first epoch at lr 0).
 """
 
-from jprompt.data import mixture, presets
+from jprompt.data import mixture_name, presets
 from jprompt.train import config_lib
 
 RELEASED_LIBRARY_SIZE_CLIP = 256
@@ -100,13 +101,16 @@ def get_config(arg=None):
     paper = paper and args.head in ("", "zeroshot") and args.dataset in presets.PGN_DATASETS
     if paper:  # PGN's data: CoOp's split files and its own RESISC45 file where it used them
         args.dataset = presets.PGN_DATASETS[args.dataset][0]
-    mixture_name = args.dataset if mixture.is_mixture(args.dataset) else ""
-    if mixture_name:  # the first component gives the input defaults; _use_mixture the rest
-        args.dataset = mixture.parse(mixture_name)[0].name
+    mix = args.dataset if mixture_name.is_mixture(args.dataset) else ""
+    if mix:  # the first component gives the input defaults; _use_mixture the rest
+        components = [preset.name for preset in mixture_name.parse(mix)]
+        if args.demo:
+            for name in components:
+                config_lib.check_demo_dataset(name)
+        args.dataset = components[0]
     config = config_lib.config_for_args(args)
-    if mixture_name:
-        _use_mixture(config, mixture_name)
-    config.dataset.sampling = mixture.SAMPLINGS[0]  # a mixture's training order
+    if mix:
+        _use_mixture(config, mix)
     config.head.name_rule = "pgn"
     config.method.name = "prompt_tokens" if args.baseline else "pgn"
     config.method.num_tokens = args.num_tokens
@@ -156,11 +160,11 @@ def _use_mixture(config, name: str) -> None:
             val_split="val",
             test_split="test",
             label_map="",
-            num_classes=sum(p.num_classes for p in mixture.parse(name)),
+            num_classes=sum(p.num_classes for p in mixture_name.parse(name)),
         )
     )
     config.head.class_names = ()  # the components' own, concatenated at run time
-    config.head.templates = mixture.TEMPLATES
+    config.head.templates = mixture_name.TEMPLATES
 
 
 def sweep(add, arg=None, name="seeds"):

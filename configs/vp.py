@@ -20,13 +20,13 @@ Args (comma-separated after the file name):
   prompter=NAME   padding (default: the frame), fixed_patch (one P x P patch at the top-left
                   corner) or random_patch (that patch at a random place on every forward pass,
                   evaluation included, as in the official code); see jprompt/methods/vp.py
-  demo            offline: a shipped tiny backbone pretrained on jprompt_shapes/shapes, adapted
-                  to jprompt_shapes/colors at 32px (8 classes, chance 0.125) in under a minute
-                  on 2 CPU cores, printing the test accuracy (seed 0). The tiny CLIP (default)
-                  with its frozen zero-shot head: 0.318 with an 8px frame (zero-shot 0.130).
-                  The tiny ViT (demo,backbone=vit_b16) with a linear head: 0.762 with a 4px
-                  frame (its linear probe demo reaches 0.709; prompter=fixed_patch 0.722,
-                  prompter=random_patch 0.705)
+  demo            offline, on 2 CPU cores: fixes the backbone to a shipped tiny one pretrained
+                  on jprompt_shapes/shapes (the tiny CLIP with its frozen zero-shot head by
+                  default or with backbone=clip_*, the tiny ViT with a linear head with
+                  backbone=vit_*), the dataset to jprompt_shapes/colors (8 classes, chance
+                  0.125; dataset= may name another jprompt_shapes task, any other dataset is an
+                  error), 32px images and the demo recipe below. It prints the test accuracy
+                  (README lists it)
 
 Recipe from the paper's code: SGD lr 40, momentum 0.9, no weight decay, batch 256, 1000 epochs,
 1000 warmup steps (step s at lr 40 (s + 1) / 1000), cosine decay per step, the template "This

@@ -7,12 +7,14 @@ Args (comma-separated after the file name):
   backbone=NAME   a CLIP backbone (default clip_b32; convert OpenAI's ViT-B-32.pt once with
                   python -m jprompt.tools.convert_clip into ~/jprompt_models/clip_b32.npz)
   dataset=NAME    a tfds dataset name (default cifar100); class names come from its info and
-                  templates from jprompt.methods.zeroshot ("This is a photo of a {}", CIFAR-100
+                  templates from jprompt.data.presets ("This is a photo of a {}", CIFAR-100
                   "A photo of a {}")
-  demo            offline: the shipped tiny CLIP on jprompt_shapes/colors, whose colours it was
-                  never trained on (its source task is shapes), so it sits near chance (0.125):
-                  the starting point the CLIP demos of the prompt methods improve on;
-                  demo,dataset=jprompt_shapes/shapes evaluates it on its source task instead
+  demo            offline: fixes the backbone to the shipped tiny CLIP, 32px images and the
+                  dataset to jprompt_shapes/colors, whose colours it was never trained on (its
+                  source task is shapes), so it sits near chance (0.125): the starting point
+                  the CLIP demos of the prompt methods improve on. dataset= may name another
+                  jprompt_shapes task (demo,dataset=jprompt_shapes/shapes evaluates it on its
+                  source task); any other dataset is an error
 
 The run evaluates the validation and test splits once (``num_epochs=0``) and writes
 results.json like any other run.

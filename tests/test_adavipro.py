@@ -8,7 +8,8 @@ import pytest
 
 from jprompt import methods
 from jprompt.methods import adavipro, gumbel, heads, vp
-from jprompt.models import backbones, vit, vit_checkpoint
+from jprompt.models import vit, vit_checkpoint
+from jprompt.models.backbone import Backbone
 from jprompt.train import config_lib, optim, sharding, trainer
 
 # The counts documented in jprompt/methods/adavipro.py (224 px, prompt_size 30, region 32).
@@ -18,9 +19,7 @@ PROMPTER_EMBED_8 = 78_058
 
 
 def make_backbone(name="vit_tiny4", image_size=32):
-    return backbones.Backbone(
-        name, vit.create(name, num_classes=0), image_size, backbones.VIT_NORMALIZATION
-    )
+    return Backbone(name, vit.create(name), image_size, "minus_one_to_one")
 
 
 def count(tree):
@@ -200,7 +199,9 @@ def test_logits_are_the_head_on_the_backbone_of_the_prompted_image(small):
     )
     logits, aux = evaluate(trained, images)
     prompted, _ = method.prompt(params["prompter"], images, rng=None, train=False)
-    np.testing.assert_allclose(logits, head_on_backbone(prompted), rtol=1e-5, atol=1e-6)
+    # Two compiled programs: their float32 logits agree to a relative 1e-4.
+    tol = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(logits, head_on_backbone(prompted), **tol)
     assert aux["region_masks"].shape == (6, 4, 4)
 
     # A policy that always applies the prompt is VP; one that never does is a linear probe.
@@ -213,11 +214,11 @@ def test_logits_are_the_head_on_the_backbone_of_the_prompted_image(small):
     always, aux = evaluate(with_constant_policy([0.0, 1.0]), images)
     assert (np.asarray(aux["region_masks"]) == 1).all()
     template = vp.padding_prompt(params["prompter"]["template"])
-    np.testing.assert_allclose(always, head_on_backbone(images + template), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(always, head_on_backbone(images + template), **tol)
 
     never, aux = evaluate(with_constant_policy([1.0, 0.0]), images)
     assert (np.asarray(aux["region_masks"]) == 0).all()
-    np.testing.assert_allclose(never, head_on_backbone(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(never, head_on_backbone(images), **tol)
     assert np.abs(np.asarray(always) - np.asarray(never)).max() > 1e-3
 
 

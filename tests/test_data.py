@@ -97,7 +97,7 @@ def test_synthetic_preparation_is_offline_and_deterministic(shapes_dir, tmp_path
 # sha256 of the first 4 examples of every config and split, per JpromptShapes.VERSION. tfds
 # reuses a dataset prepared under the same version, so a generator change that kept the
 # version would leave prepared machines training on the old images while fresh ones train on
-# the new: it happened once (README, "Transfer table"). The digest was the same with numpy's
+# the new. The digest was the same with numpy's
 # AVX-512 and AVX2 paths switched off (NPY_DISABLE_CPU_FEATURES).
 GENERATOR_DIGESTS = {"1.0.0": "e42671240f6c6be84c83427ee290c2c4927bb0f2ed2a09fe4307311b396ff845"}
 

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jprompt.data import preprocess
-from jprompt.deploy import serve
-from jprompt.methods import heads, inversion, pgn
+from jprompt.data import crops, preprocess
+from jprompt.deploy import client, server
+from jprompt.errors import InputError
+from jprompt.methods import heads, inversion, pgn, vp
 from jprompt.models import backbones, clip, vit
 
 BATCH = 4
@@ -72,9 +73,11 @@ class Setup:
         self.normalized = inversion.normalize(self.images, self.backbone.normalization)
         apply = jax.jit(functools.partial(self.method.apply, rng=None, train=False))
         self.latent, self.aux = apply(self.trained, self.frozen, self.normalized)
-        self.client = serve.ClientModel.from_pgn(self.method, self.trained, self.frozen)
-        self.prompted = serve.deploy(self.client, self.images)
-        self.served = serve.ServedModel.from_trained(self.backbone, self.trained, self.frozen)
+        self.client = client.ClientModel.from_pgn(
+            self.method, self.trained, self.frozen, eval_crop="resize", resize=crops.DEFAULT_RESIZE
+        )
+        self.prompted = client.deploy(self.client, self.images)
+        self.served = server.ServedModel.from_trained(self.backbone, self.trained, self.frozen)
 
     def deviation(self, logits) -> float:
         return float(np.abs(np.asarray(logits) - np.asarray(self.latent)).max())
@@ -222,9 +225,10 @@ def test_deployed_uint8_images(setup, caplog):
     print(f"{setup.backbone.name}: largest logit deviation after 8-bit rounding {deviation:.3g}")
 
     # A prompt far outside what pixels can express: deployed anyway, with a warning.
-    loud = setup.client.replace(library=setup.client.library * 1e4)
+    params = setup.client.params
+    loud = setup.client.replace(params={**params, "library": params["library"] * 1e4})
     with caplog.at_level("WARNING"):
-        result = serve.deploy(loud, setup.images)
+        result = client.deploy(loud, setup.images)
     assert not np.any(result.exact)
     assert f"{BATCH} of {BATCH} images have no in-range exact prompt solution" in caplog.text
 
@@ -236,32 +240,96 @@ def test_client_file_round_trip(vit_setup, tmp_path):
     with np.load(path) as data:
         keys = set(data.files)
     assert not any("Transformer" in key or "embedding" in key for key in keys)
-    assert {"library", "inverse/pinv", "inverse/kernel", "inverse/offsets", "fill_value"} <= keys
-    loaded = serve.ClientModel.load(path)
+    assert {"params/library", "inverse/pinv", "inverse/kernel", "inverse/offsets"} <= keys
+    assert {"fill_value", "eval_crop", "resize"} <= keys
+    loaded = client.ClientModel.load(path)
     assert loaded.geometry == setup.client.geometry
     assert loaded.normalization == setup.client.normalization
-    again = serve.deploy(loaded, setup.images)
+    assert (loaded.eval_crop, loaded.resize) == ("resize", "bilinear_antialias")
+    again = client.deploy(loaded, setup.images)
     np.testing.assert_array_equal(again.images, setup.prompted.images)
     np.testing.assert_array_equal(again.min_norm, setup.prompted.min_norm)
 
 
+def test_bad_client_files_are_named(tmp_path):
+    expected = (
+        "expected a PGN client file (an .npz written by python -m jprompt.deploy --mode=export)"
+    )
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip archive")
+    array = tmp_path / "array.npz"
+    with array.open("wb") as f:
+        np.save(f, np.zeros(3))
+    backbone = tmp_path / "backbone.npz"
+    np.savez(backbone, **{"Transformer/encoder_norm/scale": np.ones(3)})
+    for path, message in [
+        (tmp_path / "missing.npz", f"{tmp_path / 'missing.npz'} does not exist; {expected}"),
+        (garbage, f"{garbage} is not an .npz archive numpy can read; {expected}"),
+        (array, f"{array} is not an .npz archive numpy can read; {expected}"),
+        (
+            backbone,
+            f"{backbone} is not a PGN client file (an .npz written by python -m "
+            "jprompt.deploy --mode=export): it lacks ['grid', 'patch_size', 'num_tokens', "
+            "'normalization', 'eval_crop', 'resize', 'fill_value', 'params/library', "
+            "'inverse/kernel', 'inverse/pinv', 'inverse/offsets']",
+        ),
+    ]:
+        with pytest.raises(InputError) as raised:
+            client.ClientModel.load(path)
+        assert str(raised.value) == message
+
+
+def test_only_a_deployable_pgn_has_a_client():
+    backbone = make_backbone("vit_tiny8")
+    fix = "can be deployed as RGB prompts (train one with --config=configs/pgn.py:...,deployable)"
+    visual_prompt = vp.VisualPrompt(backbone=backbone, num_classes=NUM_CLASSES)
+    latent_only = pgn.PromptGenerationNetwork(backbone=backbone, num_classes=NUM_CLASSES)
+    for method, what in [
+        (visual_prompt, "a VisualPrompt run"),
+        (latent_only, "a PGN trained without deployable"),
+    ]:
+        with pytest.raises(InputError) as raised:
+            client.ClientModel.from_pgn(method, {}, {}, eval_crop="resize", resize="bilinear")
+        assert (
+            str(raised.value) == f"cannot deploy {what}: only a PGN trained with deployable {fix}"
+        )
+
+
+def test_client_crops_as_the_evaluation_pipeline():
+    """The client's window is the pipeline's, rounded to 8 bits (jax.image.resize and
+    tf.image.resize agree to 1e-3): each eval crop and resize, landscape and portrait."""
+    rng = np.random.default_rng(0)
+    landscape = rng.integers(0, 256, (50, 68, 3), dtype=np.uint8)
+    cases = [(landscape, crop, crops.DEFAULT_RESIZE) for crop in crops.EVAL_CROPS] + [
+        (landscape, "center_crop", "bicubic"),
+        (landscape, "resize", "bilinear"),
+        (landscape.transpose(1, 0, 2), "resize_center_crop", crops.DEFAULT_RESIZE),
+    ]
+    for image, crop, resize in cases:
+        ours = client.at_model_size(image, 24, crop, resize).astype(np.float32)
+        pipeline = preprocess.eval_crop(tf.constant(image), 24, crop, resize).numpy()
+        assert ours.shape == pipeline.shape == (24, 24, 3)
+        assert np.abs(ours - pipeline).max() <= 0.5 + 1e-3, (crop, resize)
+        assert np.mean(ours != np.round(pipeline)) < 0.01, (crop, resize)
+
+
 def test_http_server_and_client(vit_setup):
     setup = vit_setup
-    server = serve.make_server(setup.served, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    httpd = server.make_server(setup.served, port=0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{server.server_port}{serve.PREDICT_PATH}"
+    url = f"http://127.0.0.1:{httpd.server_port}{server.PREDICT_PATH}"
     try:
         for image in np.asarray(setup.prompted.images):
-            answer = serve.query(url, serve.encode_png(image))
+            answer = client.query(url, client.encode_png(image))
             direct = np.asarray(setup.served.logits(image[None])[0])
             assert answer["top_class"] == int(direct.argmax())
             np.testing.assert_allclose(answer["probabilities"], jax.nn.softmax(direct), rtol=1e-5)
         with pytest.raises(urllib.error.HTTPError, match="400"):
-            serve.query(url, b"not an image")
+            client.query(url, b"not an image")
     finally:
-        server.shutdown()
-        server.server_close()
+        httpd.shutdown()
+        httpd.server_close()
         thread.join()
 
 

@@ -1,4 +1,6 @@
-"""Methods' parameters and forward passes: counts from the papers' code, prompt placement."""
+"""Methods' parameters and forward passes: counts from the papers' code, prompt placement, and
+the surface for your own code (arrays given instead of drawn, no rng where nothing is random,
+what each method declares to the trainer)."""
 
 import functools
 
@@ -9,12 +11,11 @@ import pytest
 
 from jprompt import methods
 from jprompt.methods import heads, vp
-from jprompt.models import backbones, vit
+from jprompt.models import backbone, vit
 
 
-def make_backbone(name="vit_tiny4", image_size=32):
-    module = vit.create(name, num_classes=0)
-    return backbones.Backbone(name, module, image_size, backbones.VIT_NORMALIZATION)
+def make_backbone(name="vit_tiny4", image_size=32, **options):
+    return backbone.Backbone(name, vit.create(name, **options), image_size, "minus_one_to_one")
 
 
 def init_backbone_params(backbone, rng):
@@ -93,8 +94,9 @@ def test_vp_adds_the_prompt_in_normalized_space_before_the_backbone():
     prompted = images + vp.padding_prompt(trained["params"]["prompter"])
     features, _ = jax.jit(method.backbone.features)(backbone_params, prompted)
     expected = heads.apply_linear_head(trained["params"]["head"], features)
-    # The backbone embeds the prompt on its own: the same sum, rounded in another order.
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # The backbone embeds the prompt on its own: the same sum, rounded in another order, by
+    # another compiled program: float32 agreement to a relative 1e-4.
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_linear_probe_gradient_reaches_only_the_head():
@@ -110,8 +112,11 @@ def test_linear_probe_gradient_reaches_only_the_head():
 
     grads = jax.jit(jax.grad(loss))(trained["params"])
     features, _ = jax.jit(method.backbone.features)(backbone_params, images)
-    # d(sum of logit 0)/d(kernel[:, 0]) = sum of features; other columns get nothing.
-    np.testing.assert_allclose(grads["head"]["kernel"][:, 0], features.sum(0), rtol=1e-5)
+    # d(sum of logit 0)/d(kernel[:, 0]) = sum of features; other columns get nothing. The
+    # gradient's program and the forward's round each feature differently, and the sum may
+    # cancel: bound the difference by the summed magnitudes, at float32's relative 1e-4.
+    difference = np.abs(grads["head"]["kernel"][:, 0] - features.sum(0))
+    np.testing.assert_array_less(difference, 1e-4 * np.abs(features).sum(0))
     np.testing.assert_array_equal(grads["head"]["kernel"][:, 1:], 0.0)
 
 
@@ -122,3 +127,73 @@ def test_vpt_head_init_matches_the_official_code():
     assert float(params["kernel"].std()) == pytest.approx(np.sqrt(2 / 100), rel=0.02)
     with pytest.raises(ValueError, match=r"valid choices: \('zeros', 'vpt'\)"):
         heads.init_linear_head(jax.random.PRNGKey(0), 8, 2, "xavier")
+
+
+def test_method_from_given_arrays_draws_only_the_rest():
+    method = methods.build("vpt", backbone=make_backbone(), num_classes=5, num_tokens=3)
+    tokens = jnp.arange(3 * 64, dtype=jnp.float32).reshape(3, 64)
+    trained, frozen = method.from_arrays(
+        {}, {"prompter": {"tokens": tokens}}, rng=jax.random.key(0)
+    )
+    np.testing.assert_array_equal(trained["params"]["prompter"]["tokens"], tokens)
+    drawn, _ = method.init(jax.random.key(0), {})
+    np.testing.assert_array_equal(
+        trained["params"]["head"]["bias"], drawn["params"]["head"]["bias"]
+    )
+    assert frozen == {"backbone": {}}
+
+    # Without an rng every trainable array must be given; the rest fails naming it.
+    with pytest.raises(ValueError, match=r"no rng= to draw the arrays not given: \['params/head"):
+        method.from_arrays({}, {"prompter": {"tokens": tokens}})
+    with pytest.raises(ValueError, match=r"'params/prompter/tokens' has shape \(2, 64\), expected"):
+        method.from_arrays({}, {"prompter": {"tokens": tokens[:2]}}, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="'params/prompter/token' is not an array.*did you mean"):
+        method.from_arrays({}, {"prompter": {"token": tokens}}, rng=jax.random.key(0))
+
+    pixels = methods.build("vp", backbone=make_backbone(), num_classes=2, prompt_size=4)
+    given = vp.init_padding(jax.random.key(1), 32, 4)
+    head = {"kernel": jnp.ones((64, 2)), "bias": jnp.zeros(2)}
+    trained, _ = pixels.from_arrays({}, {"prompter": given, "head": head})
+    np.testing.assert_array_equal(trained["params"]["prompter"]["pad_left"], given["pad_left"])
+
+
+def test_rng_is_needed_only_where_something_is_random():
+    images = jnp.zeros((2, 32, 32, 3))
+    vpt = methods.build("vpt", backbone=make_backbone(), num_classes=2, dropout=0.1)
+    trained, frozen = vpt.init(jax.random.key(0), {})
+    with pytest.raises(ValueError, match="prompt dropout needs an rng while training"):
+        vpt.apply(trained, frozen, images, train=True)
+    patch = methods.build(
+        "vp", backbone=make_backbone(), num_classes=2, prompter="random_patch", prompt_size=4
+    )
+    trained, frozen = patch.init(jax.random.key(0), {})
+    with pytest.raises(ValueError, match="random_patch prompter needs an rng, at evaluation"):
+        patch.apply(trained, frozen, images)
+    finetune = methods.build("finetune", backbone=make_backbone(dropout_rate=0.1), num_classes=2)
+    trained, frozen = finetune.init(jax.random.key(0), {})
+    with pytest.raises(ValueError, match=r"vit_tiny4's dropout \(rate 0.1\) needs an rng"):
+        finetune.apply(trained, frozen, images, train=True)
+
+
+def test_methods_declare_what_the_trainer_needs():
+    declared = {}
+    for name in methods.METHODS:
+        options = {"cache_features": True} if name == "linear_probe" else {}
+        if name == "zeroshot":
+            options["zeroshot"] = heads.ZeroShotHead(np.eye(2, 64, dtype=np.float32), 4.6)
+        method = methods.build(name, backbone=make_backbone(), num_classes=2, **options)
+        declared[name] = (method.caches_features, method.has_pictures, method.has_token_weights)
+        if method.has_pictures:
+            assert callable(method.visualize)
+        if method.has_token_weights:
+            assert callable(method.token_weights)
+    assert declared == {
+        "linear_probe": (True, False, False),
+        "finetune": (False, False, False),
+        "vp": (False, True, False),
+        "pgn": (False, True, True),
+        "prompt_tokens": (False, False, False),
+        "adavipro": (False, True, False),
+        "vpt": (False, False, False),
+        "zeroshot": (False, False, False),
+    }

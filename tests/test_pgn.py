@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from jprompt import methods
-from jprompt.methods import heads, pgn
-from jprompt.models import backbones, vit
+from jprompt.methods import heads, pgn, pgn_release
+from jprompt.models import backbone, vit
 from jprompt.train import sharding, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,9 +40,7 @@ def reference_images(batch, size):
 
 
 def make_backbone(name="vit_b32", image_size=224):
-    return backbones.Backbone(
-        name, vit.create(name, num_classes=0), image_size, backbones.VIT_NORMALIZATION
-    )
+    return backbone.Backbone(name, vit.create(name), image_size, "minus_one_to_one")
 
 
 def count(tree):
@@ -130,25 +128,23 @@ TOL = dict(rtol=1e-4, atol=2e-5)
 @pytest.mark.parametrize("name", sorted(TORCH_REFERENCE))
 def test_released_weights_reproduce_pytorch(name):
     ref = TORCH_REFERENCE[name]
-    params, batch_stats = pgn.load_released_pgn(FIXTURES / name)
+    params, batch_stats = pgn_release.load(FIXTURES / name)
     library_size = ref["library_size"]
     assert params["library"].shape == (library_size, 768)
     assert params["generator"]["output"]["kernel"].shape == (128, 16 * library_size)
 
-    method = pgn.PromptGenerationNetwork(
-        backbone=make_backbone("vit_b32"), num_classes=10, library_size=library_size
-    )
-    head = heads.init_linear_head(None, 768, 10)
-    trained = {"params": {**params, "head": head}, "batch_stats": batch_stats}
+    # The generator on its own: no backbone, only K, N and D.
+    generator = pgn.PromptGenerator(num_tokens=16, library_size=library_size, token_dim=768)
+    loaded = (params, batch_stats)
     # The loaded tree has exactly the structure (and shapes) of a fresh init.
-    fresh, _ = jax.eval_shape(method.init, jax.random.PRNGKey(0), {})
-    assert jax.tree.structure(fresh) == jax.tree.structure(trained)
-    assert jax.tree.map(lambda a: a.shape, fresh) == jax.tree.map(lambda a: a.shape, trained)
+    fresh = jax.eval_shape(generator.init, jax.random.PRNGKey(0))
+    assert jax.tree.structure(fresh) == jax.tree.structure(loaded)
+    assert jax.tree.map(lambda a: a.shape, fresh) == jax.tree.map(lambda a: a.shape, loaded)
 
     images = jnp.asarray(reference_images(2, 224))
-    prompts_fn = jax.jit(method.prompts, static_argnames="train")
-    prompts, weights, no_stats = prompts_fn(trained, images, train=False)
-    again, _, _ = prompts_fn(trained, images, train=False)
+    prompts_fn = jax.jit(generator, static_argnames="train")
+    prompts, weights, no_stats = prompts_fn(params, batch_stats, images, train=False)
+    again, _, _ = prompts_fn(params, batch_stats, images)
     assert no_stats is None
     np.testing.assert_array_equal(prompts, again)  # deterministic
     assert prompts.shape == (2, 16, 768) and weights.shape == (2, 16, library_size)
@@ -157,8 +153,8 @@ def test_released_weights_reproduce_pytorch(name):
     assert (weights > 0).all()
 
     variables = {"params": params["generator"], "batch_stats": batch_stats["generator"]}
-    generator = jax.jit(method.generator.apply, static_argnames=("train", "mutable"))
-    logits = generator(variables, images, train=False)
+    network = jax.jit(generator.network.apply, static_argnames=("train", "mutable"))
+    logits = network(variables, images, train=False)
     np.testing.assert_allclose(logits[0, :3], ref["logits_0_first3"], **TOL)
     np.testing.assert_allclose(logits[1, -2:], ref["logits_1_last2"], **TOL)
     np.testing.assert_allclose(weights[0, 0].max(), ref["weights_0_0_max"], **TOL)
@@ -168,7 +164,7 @@ def test_released_weights_reproduce_pytorch(name):
     np.testing.assert_allclose(prompts[1, -1, -2:], ref["prompts_1_last_last2"], **TOL)
 
     # Training mode: batch statistics, and PyTorch's running-statistics update.
-    logits, updates = generator(variables, images, train=True, mutable=("batch_stats",))
+    logits, updates = network(variables, images, train=True, mutable=("batch_stats",))
     stats = updates["batch_stats"]
     np.testing.assert_allclose(logits[0, :3], ref["train_logits_0_first3"], **TOL)
     np.testing.assert_allclose(stats["stem_bn"]["mean"][:3], ref["train_stem_mean_first3"], **TOL)
@@ -181,16 +177,16 @@ def test_released_weights_reproduce_pytorch(name):
 def test_released_weights_import_fails_naming_the_problem(monkeypatch):
     path = FIXTURES / "pgn_vit_cifar100.pt"
     with pytest.raises(ValueError, match=r"tl_vectors: shape \(128, 768\).*expected \(128, 384\)"):
-        pgn.load_released_pgn(path, token_dim=384)
+        pgn_release.load(path, token_dim=384)
     with pytest.raises(ValueError, match=r"model.output_net.2.weight: shape \(2048, 128\)"):
-        pgn.load_released_pgn(path, num_tokens=8)
+        pgn_release.load(path, num_tokens=8)
 
-    state = pgn.torch_checkpoint.load_state_dict(path)
+    state = pgn_release.torch_checkpoint.load_state_dict(path)
     state["model.blocks.0.downsample.weight"] = np.zeros((16, 16, 1, 1), np.float32)
     del state["model.blocks.2.net.4.running_var"]
-    monkeypatch.setattr(pgn.torch_checkpoint, "load_state_dict", lambda _: state)
+    monkeypatch.setattr(pgn_release.torch_checkpoint, "load_state_dict", lambda _: state)
     with pytest.raises(ValueError) as error:
-        pgn.load_released_pgn(path)
+        pgn_release.load(path)
     message = str(error.value)
     assert "unexpected keys ['model.blocks.0.downsample.weight']" in message
     assert "missing keys ['model.blocks.2.net.4.running_var']" in message
@@ -260,9 +256,9 @@ def test_initialisation_follows_the_official_code(pgn_setup):
     trained = pgn_setup.trained
     params, gen = trained["params"], trained["params"]["generator"]
     # The one-draw init (resnet.init_variables) builds exactly the tree of the module's init.
-    generator = pgn_setup.method.generator
+    network = pgn_setup.method.generator.network
     abstract = jax.eval_shape(
-        lambda: generator.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+        lambda: network.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )
     assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(
         lambda a: a.shape, {"params": gen, "batch_stats": trained["batch_stats"]["generator"]}
@@ -306,7 +302,7 @@ def test_pgn_tokens_are_appended_at_the_end_without_position_embedding(pgn_setup
     manual = setup.backbone(prompts, "end")
     assert aux["encoded"].shape == (8, 1 + 64 + 4, 64)
     np.testing.assert_allclose(aux["encoded"], manual["encoded"], rtol=1e-5, atol=1e-5)
-    expected_logits = heads.apply_linear_head(setup.trained["params"]["head"], manual["pre_logits"])
+    expected_logits = heads.apply_linear_head(setup.trained["params"]["head"], manual["features"])
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(aux["token_weights"], weights)
     assert aux["token_weights"].shape == (8, 4, 16)
@@ -316,13 +312,13 @@ def test_pgn_tokens_are_appended_at_the_end_without_position_embedding(pgn_setup
     # give the same CLS feature wherever they sit, and their outputs just move along. With a
     # position embedding, moving them would change everything.
     after_cls = setup.backbone(prompts, "after_cls")
-    np.testing.assert_allclose(after_cls["pre_logits"], manual["pre_logits"], atol=1e-5)
+    np.testing.assert_allclose(after_cls["features"], manual["features"], atol=1e-5)
     np.testing.assert_allclose(after_cls["encoded"][:, 1:5], aux["encoded"][:, 65:], atol=1e-5)
     np.testing.assert_allclose(after_cls["encoded"][:, 5:], aux["encoded"][:, 1:65], atol=1e-5)
     pos = setup.frozen["backbone"]["Transformer"]["posembed_input"]["pos_embedding"]
     assert pos.shape == (1, 1 + 64, 64)  # covers CLS + patches only
     shifted = setup.backbone(prompts + pos[:, 1:5], "end")
-    assert np.abs(shifted["pre_logits"] - manual["pre_logits"]).max() > 1e-3
+    assert np.abs(shifted["features"] - manual["features"]).max() > 1e-3
 
 
 def test_learned_tokens_are_the_same_for_every_image_and_sit_at_the_end(tokens_setup):
@@ -336,7 +332,7 @@ def test_learned_tokens_are_the_same_for_every_image_and_sit_at_the_end(tokens_s
     np.testing.assert_allclose(aux["encoded"], manual["encoded"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
         logits,
-        heads.apply_linear_head(setup.trained["params"]["head"], manual["pre_logits"]),
+        heads.apply_linear_head(setup.trained["params"]["head"], manual["features"]),
         rtol=1e-5,
         atol=1e-4,
     )
@@ -383,9 +379,11 @@ def test_batch_statistics_over_eight_devices_equal_one_device(pgn_setup):
         *jax.device_put((setup.trained, setup.frozen, setup.images), one)
     )
     assert len(logits_8.sharding.device_set) == 8 and len(logits_1.sharding.device_set) == 1
-    np.testing.assert_allclose(logits_8, logits_1, rtol=1e-5, atol=1e-5)
+    # Sharded and single-device programs reduce the batch statistics in another order: float32
+    # agreement to a relative 1e-4.
+    np.testing.assert_allclose(logits_8, logits_1, rtol=1e-4, atol=1e-5)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         aux_8["mutable"],
         aux_1["mutable"],
     )

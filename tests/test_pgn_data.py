@@ -183,6 +183,28 @@ def test_pgn_datasets_splits_templates_and_class_names():
         presets.pgn_preset("oxford_pets")
 
 
+def test_pgn_class_names_are_tfds_label_lists_as_coop_and_pgn_rewrite_them():
+    # The class names jprompt states for PGN, against tfds's own label lists put through CoOp's
+    # class order (sorted class folders for DTD and Food101) and naming (SUN397: the words after
+    # the letter folder, last first), then PGN's ("_" as a space, lower case).
+    def coop_sun397(name):
+        return " ".join(reversed(name.strip("/").split("/")[1:]))
+
+    rules = {
+        "dtd": (sorted, str),
+        "food101": (sorted, str),
+        "oxford_iiit_pet": (list, str),
+        "sun397": (list, coop_sun397),
+        "resisc45": (list, str),
+    }
+    for name, (order, rename) in rules.items():
+        preset = presets.pgn_preset(name)
+        tfds_spec = presets.PRESETS[name].tfds_spec  # the dataset's tfds builder, not CoOp's
+        tfds_names = tfds.builder(tfds_spec).info.features["label"].names
+        expected = tuple(rename(n).replace("_", " ").lower() for n in order(tfds_names))
+        assert preset.class_names == expected, name
+
+
 def _write_split_folder(folder, split_file, image_dir, entries):
     """A split file in CoOp's format and a tiny JPEG for each of its entries."""
     for items in entries.values():

@@ -1,5 +1,5 @@
-"""Kill-safe exact resume: after SIGKILL at an arbitrary moment, after SIGTERM, and from a damaged
-latest checkpoint, a resumed run ends bit-identical to one never interrupted.
+"""Kill-safe exact resume: after SIGKILL at an arbitrary moment, after SIGTERM or Ctrl-C, and from
+a damaged latest checkpoint, a resumed run ends bit-identical to one never interrupted.
 
 Every run here uses the 8 fake CPU devices of conftest (subprocesses inherit XLA_FLAGS), so
 "identical" means identical bits. Runs last 3 epochs of 4 steps, with checkpoints at steps 4, 8
@@ -7,6 +7,7 @@ and 12: a signal sent once step 4's checkpoint is committed lands in the middle 
 """
 
 import json
+import os
 import signal
 import time
 
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from launch import TIMEOUT_S, demo_config, finish, launch, main_command
 
+from jprompt.errors import InputError
 from jprompt.train import trainer
 
 
@@ -94,9 +96,33 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(
     assert_ends_like_uninterrupted(resumed, workdir, experiment, uninterrupted)
 
 
-# A failed orbax restore leaves tensorstore reads completing into its closed event loop, which
-# Python reports as an unraisable exception; expected here, harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_ctrl_c_checkpoints_the_current_step_then_raises_keyboard_interrupt(
+    config, experiment, uninterrupted, tmp_path, monkeypatch
+):
+    clean_batches = trainer.Experiment.train_batches
+
+    def ctrl_c_during_step_6(self, start_step=0):
+        for step, batch in enumerate(clean_batches(self, start_step), start=start_step + 1):
+            if step == 6:
+                os.kill(os.getpid(), signal.SIGINT)  # handled before the step has run
+            yield batch
+
+    monkeypatch.setattr(trainer.Experiment, "train_batches", ctrl_c_during_step_6)
+    handler = signal.getsignal(signal.SIGINT)
+    workdir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt, match="stopped after step 6 of 12, checkpoint saved"):
+        trainer.train_and_evaluate(config, str(workdir))
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert committed_steps(workdir) == [4, 6]
+
+    monkeypatch.undo()
+    resumed = trainer.train_and_evaluate(config, str(workdir))
+    assert_ends_like_uninterrupted(resumed, workdir, experiment, uninterrupted)
+
+
+# A failed orbax restore leaves tensorstore reads completing into a closed event loop: they must
+# not reach stderr (pytest would report them as unraisable exceptions).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_latest_checkpoint_falls_back_to_previous(
     config, experiment, uninterrupted, tmp_path, caplog
 ):
@@ -111,14 +137,28 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(
 
     with caplog.at_level("WARNING"):
         resumed = trainer.train_and_evaluate(config, str(workdir))
-    assert "Could not restore the checkpoint at step 8" in caplog.text
-    assert "falling back to the previous one" in caplog.text
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(
+        f"The checkpoint at step 8 in {workdir / 'checkpoints'} is damaged (OUT_OF_RANGE: "
+    )
+    assert warning.endswith("); falling back to the previous one, step 4")
+    assert "\n" not in warning and len(warning) < 400  # one line, without tensorstore's spec
     assert_ends_like_uninterrupted(resumed, workdir, experiment, uninterrupted)
     assert committed_steps(workdir) == [8, 12]  # the damaged step was deleted and redone
 
     # With every kept checkpoint damaged, the run stops and deletes nothing.
+    (workdir / "results.json").unlink()  # else the rerun returns the stored results
     for path in (workdir / "checkpoints").glob("*/state/d/*"):
         path.write_bytes(b"")
-    with pytest.raises(RuntimeError, match=r"none of the checkpoints .* \(steps \[12, 8\]\)"):
+    with pytest.raises(InputError) as error:
         trainer.train_and_evaluate(config, str(workdir))
+    message = str(error.value)
+    assert message.startswith(
+        f"none of the checkpoints in {workdir / 'checkpoints'} (steps [12, 8]) can be restored "
+        "(step 12: "
+    )
+    assert message.endswith(
+        "their files are damaged, or resume_with_changes changed the shapes of the trained "
+        "state; start a fresh --workdir"
+    )
     assert committed_steps(workdir) == [8, 12]

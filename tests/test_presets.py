@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jprompt.data import pipeline, presets
+from jprompt.data import class_names, label_maps, pipeline, presets
 from jprompt.tools import sweep
 from jprompt.train import config_lib
 from tests.helpers import ROOT, load_config
@@ -101,10 +101,10 @@ def test_every_preset_resolves_into_a_config(name):
     )
     assert config.dataset.val_split != config.dataset.test_split
     assert config.dataset.num_classes == preset.num_classes > 0
-    assert config.dataset.label_map in presets.EXAMPLE_MAPS
+    assert config.dataset.label_map in label_maps.EXAMPLE_MAPS
     assert config.input.train_crop == preset.train_crop
     assert tfds.builder_cls(preset.tfds_name.split("/")[0])  # a builder tfds (or jprompt) has
-    label_map = presets.example_map(preset.label_map)
+    label_map = label_maps.example_map(preset.label_map)
     if label_map.num_classes:
         assert label_map.num_classes == preset.num_classes
     if isinstance(preset.class_names, tuple):
@@ -138,11 +138,11 @@ def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown preset 'vtab/dtdd'; did you mean \['vtab/dtd'"):
         presets.get("vtab/dtdd")
     with pytest.raises(ValueError, match="unknown label map 'clevr'; valid choices"):
-        presets.example_map("clevr")
+        label_maps.example_map("clevr")
 
 
 def _apply(label_map: str, example: dict):
-    image, label = presets.example_map(label_map).fn(example)
+    image, label = label_maps.example_map(label_map).fn(example)
     return image, int(label)
 
 
@@ -159,7 +159,7 @@ def test_clevr_labels_from_the_object_list():
     assert _apply("clevr_count", _clevr([9.0] * 3))[1] == 0  # 3 objects: first class
     assert _apply("clevr_count", _clevr([9.0] * 7)) == (b"png", 4)
     assert _apply("clevr_count", _clevr([9.0] * 10))[1] == 7
-    assert presets.example_map("clevr_count").class_names[4] == "7"
+    assert label_maps.example_map("clevr_count").class_names[4] == "7"
     # Closest object's depth binned at 8, 8.5, 9, 9.5, 10.
     assert _apply("clevr_distance", _clevr([12.0, 7.9, 11.0]))[1] == 0
     assert _apply("clevr_distance", _clevr([12.0, 8.7]))[1] == 2
@@ -193,7 +193,7 @@ def test_dsprites_and_smallnorb_labels():
     assert _apply("dsprites_orientation", example)[1] == 2  # floor(5 / 2.5)
     # dSprites stores 0/1 pixels: decoded and scaled to 0/255, on three channels.
     png = tf.io.encode_png(tf.constant([[[0], [1]]], tf.uint8))
-    decoded = presets.example_map("dsprites_location").decode(png).numpy()
+    decoded = label_maps.example_map("dsprites_location").decode(png).numpy()
     assert decoded.shape == (1, 2, 3) and decoded[0, 1].tolist() == [255] * 3
     norb = {"image": b"", "label_azimuth": tf.constant(17), "label_elevation": tf.constant(8)}
     assert _apply("smallnorb_azimuth", norb)[1] == 17
@@ -212,7 +212,7 @@ def test_clean_class_names():
     assert ucf == ("Apply Eye Makeup", "Yo Yo")
     assert presets.get("dtd").clean_class_names(["banded"]) == ("banded",)
     assert presets.get("cifar100").class_names[:3] == ("apple", "aquarium_fish", "baby")
-    assert len(set(presets.CIFAR100_NAMES)) == 100
+    assert len(set(class_names.CIFAR100_NAMES)) == 100
 
 
 def test_with_args():
@@ -239,7 +239,9 @@ def test_sweeps_expand_with_lr_scaled_by_batch(tmp_path):
     for file in ("vp.py", "adavipro.py"):
         sizes = sweep.expand(str(ROOT / "configs" / file), "", None, [0], tmp_path, {})
         assert [r.arg for r in sizes] == [f"prompt_size={p}" for p in (5, 30, 60, 90, 112)]
-    with pytest.raises(AttributeError, match="num_epoch"):
+    with pytest.raises(
+        ValueError, match=r"unknown config field 'num_epoch'; did you mean 'num_epochs'\?"
+    ):
         sweep.expand(config_file, "", "seeds", [0], tmp_path, {"num_epoch": "1"})
     with pytest.raises(ValueError, match=r"unknown sweep 'lr'; valid choices: \['lr_wd'"):
         sweep.expand(config_file, "", "lr", [0], tmp_path, {})
@@ -260,7 +262,7 @@ def _cifar10_archive(path, train_labels, test_labels):
             records.append(bytes([label]) + planes.tobytes())
         return b"".join(records)
 
-    files = {"batches.meta.txt": "\n".join(presets.CIFAR10_NAMES).encode() + b"\n"}
+    files = {"batches.meta.txt": "\n".join(class_names.CIFAR10_NAMES).encode() + b"\n"}
     per_file = len(train_labels) // 5
     for k in range(5):
         chunk = train_labels[k * per_file : (k + 1) * per_file]
@@ -301,7 +303,7 @@ def test_cifar10_preset_from_a_real_format_archive(tmp_path, monkeypatch):
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )
     info = pipeline.dataset_info(preset.tfds_spec, preset.train, data_dir=data_dir)
-    assert info.class_names == presets.CIFAR10_NAMES  # read from batches.meta.txt
+    assert info.class_names == class_names.CIFAR10_NAMES  # read from batches.meta.txt
     assert info.num_classes == preset.num_classes == 10
     sizes = [
         pipeline.dataset_info(preset.tfds_spec, split, data_dir=data_dir).num_examples

@@ -1,6 +1,7 @@
 """End-to-end training on the offline dataset: results, resume, sharding, frozen backbone."""
 
 import json
+import shutil
 
 import helpers
 import jax
@@ -54,10 +55,11 @@ def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
     assert [p.name for p in (tmp_path / "best").iterdir()] == [str(results["best_step"])]
 
-    # A second run with the same workdir resumes: nothing is retrained or rewritten.
+    # A second run with the same workdir returns the stored results, marked as such: nothing is
+    # retrained or rewritten.
     stamp = (tmp_path / "results.json").stat().st_mtime_ns
     again = trainer.train_and_evaluate(config, str(tmp_path))
-    assert again == results
+    assert again == results | {"stored": True}
     assert (tmp_path / "results.json").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "8"]
 
@@ -65,10 +67,13 @@ def test_run_writes_results_events_checkpoints_and_resumes(tiny_config, tmp_path
 def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
     config = tiny_config()
     whole = trainer.train_and_evaluate(config, str(tmp_path / "whole"))
-    # Stop mid-epoch, then again after the first epoch's checkpoint, then finish.
+    # Stop mid-epoch, then again after the first epoch's checkpoint, lose that last checkpoint
+    # as a SIGKILL before its commit would (step 6's metrics are written, so the resumed run
+    # computes them again from step 4), then finish.
     parts = tmp_path / "parts"
     assert trainer.train_and_evaluate(config, str(parts), max_steps=3)["stopped_at_step"] == 3
-    assert trainer.train_and_evaluate(config, str(parts), max_steps=2)["stopped_at_step"] == 5
+    assert trainer.train_and_evaluate(config, str(parts), max_steps=3)["stopped_at_step"] == 6
+    shutil.rmtree(parts / "checkpoints" / "6")
     resumed = trainer.train_and_evaluate(config, str(parts))
 
     experiment = trainer.create_experiment(config)
@@ -76,6 +81,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
     got = helpers.latest_trained(parts, experiment)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     assert resumed["test"] == whole["test"]
+    # TensorBoard holds each step once: the resumed run did not write step 6 again.
+    scalars, expected = events.read_scalars(parts), events.read_scalars(tmp_path / "whole")
+    assert [step for step, _ in scalars["train_loss"]] == [2, 3, 4, 6, 8]  # 3: the stop
+    assert [step for step, _ in scalars["val_accuracy"]] == [4, 8]
+    assert dict(scalars["train_loss"])[6] == dict(expected["train_loss"])[6]
+    assert scalars["val_accuracy"] == expected["val_accuracy"]
 
 
 def run_steps(experiment, num_steps):
@@ -129,6 +140,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     config.unlock()
     config.optim.lr = 1e30
     config.optim.lr_by_path = (("head/.*", 1e30),)
+    config.resume_with_changes = True  # the same workdir, on purpose
     # Step 5 still sees the good parameters; its update explodes them, so step 6's loss is the
     # first non-finite one, and the check after step 6 reports exactly that step.
     with pytest.raises(FloatingPointError, match=r"loss became NaN or Inf at step 6") as error:

@@ -38,3 +38,23 @@ def test_png_round_trip(tmp_path):
     path = epath.Path(tmp_path) / "images" / "x.png"
     visualize.write_png(path, picture)
     np.testing.assert_array_equal(tf.io.decode_png(path.read_bytes()).numpy(), picture)
+
+
+def test_an_all_on_mask_shows_as_white_tiles_between_coloured_gaps():
+    class Method:  # every region on, as AdaViPro's mask can be
+        has_pictures = True
+
+        def visualize(self, trained, frozen, images, *, rng):
+            return {"prompted": images, "prompt_mask": np.ones((2, 4, 4, 1), np.float32)}
+
+    images = np.ones((2, 4, 4, 3), np.float32)  # white in [-1, 1]
+    pictures = visualize.method_pictures(
+        Method(), None, None, images, rng=None, normalization="minus_one_to_one"
+    )
+    mask = pictures["prompt_mask"]
+    assert mask.shape == (4 + 2 * 2, 2 * 4 + 3 * 2, 3)  # 2 images -> 2 columns, 1 row, pad 2
+    np.testing.assert_array_equal(mask[2:6, 2:6], 255)
+    np.testing.assert_array_equal(mask[2:6, 8:12], 255)
+    np.testing.assert_array_equal(mask[0, 0], [0, 102, 204])  # visibly not white, nor grey
+    np.testing.assert_array_equal(mask[2:6, 6:8], np.broadcast_to([0, 102, 204], (4, 2, 3)))
+    np.testing.assert_array_equal(pictures["prompted"], 255)  # images keep white gaps

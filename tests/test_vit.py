@@ -322,7 +322,7 @@ def test_headless_model_returns_pre_logits_with_representation(images):
     params = _random_params(model, 0)
     logits, out = model.apply({"params": params}, images)
     assert logits.shape == (B, 12)
-    np.testing.assert_array_equal(logits, out["pre_logits"])
+    np.testing.assert_array_equal(logits, out["features"])
     dense = params["pre_logits"]
     expected = np.tanh(out["encoded"][:, 0] @ dense["kernel"] + dense["bias"])
     np.testing.assert_allclose(logits, expected, atol=1e-5)
@@ -484,7 +484,7 @@ def test_gap_pool_excludes_prompts(images, position):
     encoded = np.asarray(out["encoded"])
     assert encoded.shape == (B, P + NUM_PATCHES, D)
     patches = encoded[:, P:] if position == "after_cls" else encoded[:, :NUM_PATCHES]
-    np.testing.assert_allclose(out["pre_logits"], patches.mean(1), atol=1e-6)
+    np.testing.assert_allclose(out["features"], patches.mean(1), atol=1e-6)
     assert np.abs(encoded.mean(1) - patches.mean(1)).max() > 1e-3
 
 

@@ -245,7 +245,7 @@ def test_headless_model_drops_the_head(tmp_path, tiny, images):
     assert "head" not in loaded
     features, _ = headless.apply({"params": loaded}, images)
     _, out = model.apply({"params": params}, images)
-    np.testing.assert_allclose(features, out["pre_logits"], atol=1e-6)
+    np.testing.assert_allclose(features, out["features"], atol=1e-6)
 
 
 def test_head_of_another_size_is_replaced_by_a_fresh_one(tmp_path, tiny):

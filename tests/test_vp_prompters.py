@@ -12,7 +12,8 @@ import pytest
 
 from jprompt import methods
 from jprompt.methods import heads, vp
-from jprompt.models import backbones, vit
+from jprompt.models import vit
+from jprompt.models.backbone import Backbone
 from jprompt.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ S, P = 32, 4
 
 def make_method(prompter, prompt_size=P, image_size=S, name="vit_tiny4"):
     module = vit.create(name, num_classes=0)
-    backbone = backbones.Backbone(name, module, image_size, backbones.VIT_NORMALIZATION)
+    backbone = Backbone(name, module, image_size, "minus_one_to_one")
     return methods.build(
         "vp",
         backbone=backbone,
@@ -110,8 +111,9 @@ def test_fixed_patch_is_added_at_the_top_left_only():
     # Logits: the head on the backbone's features of the prompted images.
     features, _ = method.backbone.features(frozen["backbone"], jnp.asarray(prompted))
     expected = heads.apply_linear_head(trained["params"]["head"], features)
-    # (the backbone embeds the prompt on its own: the same sum, rounded in another order)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # (the backbone embeds the prompt on its own: the same sum, rounded in another order, by
+    # another compiled program: float32 agreement to a relative 1e-4)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_random_patch_location_is_uniform_over_the_valid_range():

@@ -35,7 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jprompt.data import presets, synthetic
+from jprompt.data import builders, label_maps, presets, synthetic
 from jprompt.data.preprocess import PreprocessSpec, eval_transform, train_transform
 
 # JAX owns the accelerators; TensorFlow only runs the input pipeline on the CPU. Setting this
@@ -97,7 +97,7 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
         try:
             builder.download_and_prepare()
         except AssertionError as e:  # tfds's way of saying the manual directory is empty
-            raise FileNotFoundError(f"{e}{presets.manual_download_help(builder, root)}") from e
+            raise FileNotFoundError(f"{e}{builders.manual_download_help(builder, root)}") from e
         return builder
     if data_dir and not tf.io.gfile.exists(data_dir):
         raise FileNotFoundError(f"dataset directory data_dir={data_dir!r} does not exist")
@@ -106,7 +106,7 @@ def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBui
         f"download datasets itself (tfds would retry for minutes without network). Prepare it "
         f"once on a machine with network: `tfds build {name} --data_dir {root}`; or pass a "
         "data_dir that holds a prepared copy, e.g. the public gs://tfds-data/datasets."
-        + presets.manual_download_help(builder, root)
+        + builders.manual_download_help(builder, root)
     )
 
 
@@ -138,10 +138,10 @@ def dataset_info(
 ) -> DatasetInfo:
     """Classes and size of ``name``'s ``split`` (prepares ``jprompt_shapes`` if needed).
 
-    ``label_map`` names how examples become (image, label): ``presets.example_map``.
+    ``label_map`` names how examples become (image, label): ``label_maps.example_map``.
     """
     builder = load_builder(name, data_dir)
-    example_map = presets.example_map(label_map)
+    example_map = label_maps.example_map(label_map)
     _check_keys(builder, name, example_map.image_key, *example_map.features)
     num_examples = _split_size(builder, name, split)
     if example_map.num_classes:
@@ -194,7 +194,7 @@ class Share:
     split: str
     index: int
     count: int
-    example_map: presets.ExampleMap
+    example_map: label_maps.ExampleMap
     num_classes: int
 
     @property
@@ -297,7 +297,7 @@ class Share:
 
 def open_share(builder, name, split, index, count, label_map, num_classes) -> Share:
     """Share ``index`` of ``count`` of ``name:split``, its keys and classes checked."""
-    example_map = presets.example_map(label_map)
+    example_map = label_maps.example_map(label_map)
     _check_keys(builder, name, example_map.image_key, *example_map.features)
     _split_size(builder, name, split)
     if num_classes is None:
@@ -423,7 +423,7 @@ def train_iterator(
     Yields float32 ``(b, S, S, 3)`` images and int32 ``(b,)`` labels, ``b = global_batch_size
     // process_count``. A function of (dataset, seed, process_index, step): ``start_step=s``
     continues exactly as an uninterrupted iterator after ``s`` batches. ``label_map`` names how
-    examples become (image, label) (``presets.example_map``; default: the ``image`` and
+    examples become (image, label) (``label_maps.example_map``; default: the ``image`` and
     ``label`` features). Labels must lie in ``[0, num_classes)`` (default: the label map's or
     the label feature's classes); an undecodable image fails naming it, or is left out with
     ``skip_undecodable``.

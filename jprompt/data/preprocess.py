@@ -5,12 +5,11 @@ an explicit ``seed`` tensor of shape ``(2,)``. The input pipeline derives that s
 run's seed and the example's position in the stream, so an example's augmentation depends only
 on (seed, position): a resumed run sees exactly the pixels an uninterrupted run would.
 
-The geometry restates torchvision on PIL images, as the papers' official code ran it:
-``Resize(s)`` scales the shorter side to ``s`` and the longer to ``int(s * long / short)``
-(truncated); ``CenterCrop(s)`` starts at ``int(round((h - s) / 2))`` (Python's round, half to
-even); ``RandomCrop(s)`` draws its offsets uniformly. Pixels stay float after a resize, where PIL
-rounds to uint8 (a difference under half an 8-bit level), except in the "pgn" augmentation,
-which works on 8-bit levels as PIL does.
+The geometry restates torchvision on PIL images, as the papers' official code ran it: the
+sizes and offsets of ``Resize(s)`` and ``CenterCrop(s)`` come from ``jprompt.data.crops``
+(shared with the TF-free deploy client); ``RandomCrop(s)`` draws its offsets uniformly. Pixels
+stay float after a resize, where PIL rounds to uint8 (a difference under half an 8-bit level),
+except in the "pgn" augmentation, which works on 8-bit levels as PIL does.
 
 Resizes, crops, augmentations and normalizations are chosen by name from the small registries
 below; ``PreprocessSpec`` checks the names when it is built.
@@ -21,6 +20,15 @@ import functools
 import math
 
 import tensorflow as tf
+
+from jprompt.data.crops import (
+    DEFAULT_RESIZE,
+    EVAL_CROPS,
+    RESIZES,
+    eval_window,
+    resize_size,
+    shorter_side_to,
+)
 
 # CLIP_MEAN and CLIP_STD are re-exported: callers import them from here too.
 from jprompt.data.normalization import CLIP_MEAN as CLIP_MEAN
@@ -43,14 +51,6 @@ PGN_SOLARIZE_P = 0.2
 SOLARIZE_THRESHOLD = 128
 
 
-def resize_size(image_size: int) -> int:
-    """The ImageNet convention of resizing to 256 before cropping 224, at any image size.
-
-    Truncated, as VPT's table has it (224 -> 256, 384 -> 438, 448 -> 512).
-    """
-    return image_size * 256 // 224
-
-
 def decode_image(encoded_bytes: tf.Tensor) -> tf.Tensor:
     """PNG/JPEG/GIF/BMP bytes -> uint8 ``(H, W, 3)``; grayscale is repeated, alpha dropped."""
     image = tf.io.decode_image(encoded_bytes, channels=3, expand_animations=False)
@@ -60,37 +60,19 @@ def decode_image(encoded_bytes: tf.Tensor) -> tf.Tensor:
 
 # --- Resizes -----------------------------------------------------------------------------------
 
-# name -> (tf.image.resize method, antialias). TF's antialiased kernels scale their support
-# when shrinking, as PIL's resize does (torchvision on PIL images); its bicubic is Keys' a=-0.5,
-# PIL's too. VPT's VTAB code calls tf.image.resize with its defaults: bilinear, no antialias.
-RESIZES = {
-    "bilinear_antialias": ("bilinear", True),
-    "bilinear": ("bilinear", False),
-    "bicubic": ("bicubic", True),
-}
-DEFAULT_RESIZE = "bilinear_antialias"
-
 
 def _resize(image: tf.Tensor, height, width, resize: str) -> tf.Tensor:
     method, antialias = RESIZES[resize]
-    out = tf.image.resize(tf.cast(image, tf.float32), [height, width], method, antialias=antialias)
+    size = tf.cast(tf.stack([height, width]), tf.int32)
+    out = tf.image.resize(tf.cast(image, tf.float32), size, method, antialias=antialias)
     # Bilinear weights are non-negative, cubic ones are not: PIL clips to [0, 255].
     return tf.clip_by_value(out, 0.0, 255.0) if method == "bicubic" else out
 
 
 def _resize_shorter_side(image: tf.Tensor, size: int, resize: str) -> tf.Tensor:
-    """torchvision's ``Resize(size)``: shorter side to ``size``, longer ``int(size*long/short)``
-    (integer floor division gives exactly Python's ``int()`` of the float quotient here)."""
-    shape = tf.shape(image, out_type=tf.int64)[:2]
-    new_shape = tf.cast(size * shape // tf.reduce_min(shape), tf.int32)
-    return _resize(image, new_shape[0], new_shape[1], resize)
-
-
-def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """torchvision's ``CenterCrop(size)``; tf.round rounds half to even, as Python's round."""
-    shape = tf.shape(image)[:2]
-    top, left = tf.unstack(tf.cast(tf.round(tf.cast(shape - size, tf.float32) / 2), tf.int32))
-    return image[top : top + size, left : left + size]
+    """torchvision's ``Resize(size)``."""
+    shape = tf.shape(image, out_type=tf.int64)
+    return _resize(image, *shorter_side_to(shape[0], shape[1], size), resize)
 
 
 def _scale_1_window(height, width, seed):
@@ -161,20 +143,14 @@ def _train_resize_random_crop(image, seed, size, resize):
 
 def _train_center_crop(image, seed, size, resize):
     del seed  # deterministic
-    return _eval_center_crop(image, size, resize)
+    return eval_crop(image, size, "center_crop", resize)
 
 
-# The eval crops' resize defaults to today's, for callers that crop without a spec (serve.py).
-def _eval_resize(image, size, resize=DEFAULT_RESIZE):
-    return _resize(image, size, size, resize)
-
-
-def _eval_resize_center_crop(image, size, resize=DEFAULT_RESIZE):
-    return _center_crop(_resize_shorter_side(image, resize_size(size), resize), size)
-
-
-def _eval_center_crop(image, size, resize=DEFAULT_RESIZE):
-    return _center_crop(_resize_shorter_side(image, size, resize), size)
+def eval_crop(image: tf.Tensor, size: int, crop: str, resize: str) -> tf.Tensor:
+    """The ``size x size`` evaluation window of ``crop`` (``EVAL_CROPS``), float pixels."""
+    shape = tf.shape(image, out_type=tf.int64)
+    height, width, top, left = eval_window(shape[0], shape[1], size, crop)
+    return _resize(image, height, width, resize)[top : top + size, left : left + size]
 
 
 TRAIN_CROPS = {
@@ -183,11 +159,6 @@ TRAIN_CROPS = {
     "resize_random_crop": _train_resize_random_crop,
     "center_crop": _train_center_crop,
     "random_resized_crop_scale_1": _train_random_resized_crop_scale_1,
-}
-EVAL_CROPS = {
-    "resize": _eval_resize,
-    "resize_center_crop": _eval_resize_center_crop,
-    "center_crop": _eval_center_crop,
 }
 
 
@@ -428,6 +399,6 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, spec: PreprocessSpec) -> 
 
 def eval_transform(image: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
     """uint8 ``(H, W, 3)`` -> float32 ``(S, S, 3)``, deterministic."""
-    image = EVAL_CROPS[spec.eval_crop](image, spec.image_size, spec.resize)
+    image = eval_crop(image, spec.image_size, spec.eval_crop, spec.resize)
     image = tf.ensure_shape(image, [spec.image_size, spec.image_size, 3])
     return normalize(image, spec.normalization)

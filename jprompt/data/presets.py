@@ -16,27 +16,32 @@ Groups:
   ``train``), and the task's full test split. ``trainval`` is ``train800val200``, the final
   training set once lr / wd were chosen on ``val200``.
 - CoOp's splits (``coop/<name>``): the ``split_zhou_*.json`` files of CoOp, when the user has
-  CoOp's dataset folders (``CoopSplit``).
+  CoOp's dataset folders (``builders.CoopSplit``).
 - PGN's protocol (``pgn_preset``, ``PGN_DATASETS``): its 12 datasets as PGN's code reads them,
   CoOp's split files with train and val merged, its own RESISC45 split (``pgn/resisc45``,
-  ``PgnSplit``), the whole train split of CIFAR, SVHN and CLEVR, and its class names.
+  ``builders.PgnSplit``), the whole train split of CIFAR, SVHN and CLEVR, and its class names.
 - FGVC (``fgvc/<name>``, VPT's fine-grained benchmark): tfds builders, 10% of train held out
   (VPT's own split files are random 10% too). NABirds is not in tfds: see ``LOCAL_FOLDER``.
 - ``jprompt_shapes/*``, the offline demo datasets.
 
 Any other tfds name works with ``DEFAULT_SPLITS`` and the builder's own labels.
+
+This module is the table alone, without TensorFlow (config files read it): the derived labels it
+names are ``jprompt.data.label_maps``, class names ``jprompt.data.class_names``, and the tfds
+builders jprompt defines ``jprompt.data.builders``. The CLIP templates of every dataset are here.
 """
 
 import dataclasses
 import difflib
-import json
-import re
-from collections.abc import Callable
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
-from jprompt.data.preprocess import decode_image
+from jprompt.data.class_names import (
+    CIFAR10_NAMES,
+    CIFAR100_NAMES,
+    COUNT_NAMES,
+    DIGIT_NAMES,
+    PGN_CLASS_NAMES,
+    TFDS_NAME_RULES,
+)
 
 # Used for tfds names that have no preset: tfds has no validation split for most datasets.
 DEFAULT_SPLITS = ("train[:90%]", "train[90%:]", "test")
@@ -46,185 +51,10 @@ CLIP_COUNT_TEMPLATES = ("This is a photo of {} objects",)  # PGN code for CLEVR
 FROM_TFDS = "from tfds"
 
 
-# --- derived labels: (example with the image still encoded) -> (encoded image, int32 label) ---
-
-
-@dataclasses.dataclass(frozen=True)
-class ExampleMap:
-    """How a tfds example becomes ``(encoded image, label)``.
-
-    ``image_key`` is read undecoded (the pipeline decodes after skipping); ``features`` are
-    the other features ``fn`` reads; ``pixel_scale`` multiplies decoded pixels (dSprites stores
-    0/1). ``num_classes``/``class_names`` replace the builder's for derived labels (0/() keep
-    the builder's ``label`` feature).
-    """
-
-    fn: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
-    image_key: str = "image"
-    features: tuple[str, ...] = ("label",)
-    num_classes: int = 0
-    class_names: tuple[str, ...] = ()
-    pixel_scale: int = 1
-
-    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
-        """Encoded bytes -> uint8 ``(H, W, 3)`` (grayscale repeated to 3 channels)."""
-        image = decode_image(encoded)
-        return image * self.pixel_scale if self.pixel_scale != 1 else image
-
-
-def _label(x) -> tf.Tensor:
-    return tf.cast(x, tf.int32)
-
-
-def _bucket(value: tf.Tensor, thresholds) -> tf.Tensor:
-    """Index of the last threshold strictly below ``value`` (VTAB's distance bins)."""
-    below = tf.cast(tf.constant(thresholds, tf.float32) < tf.cast(value, tf.float32), tf.int32)
-    return tf.reduce_sum(below) - 1
-
-
-def _clevr_count(ex):
-    # 3 to 10 objects -> classes 0..7
-    return ex["image"], _label(tf.size(ex["objects"]["size"]) - 3)
-
-
-# Depth (pixel_coords z) of the closest object, binned as in the VTAB code: balanced classes.
-CLEVR_DISTANCE_BINS = (0.0, 8.0, 8.5, 9.0, 9.5, 10.0, 100.0)
-
-
-def _clevr_distance(ex):
-    depth = tf.reduce_min(ex["objects"]["pixel_coords"][:, 2])
-    return ex["image"], _bucket(depth, CLEVR_DISTANCE_BINS)
-
-
-# KITTI closest vehicle (Car, Van, Truck: types 0-2) distance in metres; "no vehicle" is the
-# last class (an image without vehicles counts as 1000 m away).
-KITTI_DISTANCE_BINS = (-100.0, 8.0, 20.0, 999.0)
-
-
-def _kitti_distance(ex):
-    objects = ex["objects"]
-    is_vehicle = objects["type"] < 3
-    depth = tf.boolean_mask(tf.cast(objects["location"][:, 2], tf.float32), is_vehicle)
-    nearest = tf.reduce_min(tf.concat([depth, [1000.0]], axis=0))
-    return ex["image"], _bucket(nearest, KITTI_DISTANCE_BINS)
-
-
-def _coarsened(feature: str, original: int, classes: int):
-    """dSprites: ``original`` latent bins merged into ``classes`` (VTAB: floor(v / (o / c)))."""
-    factor = original / classes
-
-    def fn(ex):
-        return ex["image"], _label(tf.floor(tf.cast(ex[feature], tf.float32) / factor))
-
-    return fn
-
-
-def _feature(name: str):
-    return lambda ex: (ex["image"], _label(ex[name]))
-
-
-def _middle_frame(ex):
-    frames = ex["video"]  # encoded frames, undecoded
-    return frames[tf.shape(frames)[0] // 2], _label(ex["label"])
-
-
-def _digits(first: int, last: int) -> tuple[str, ...]:
-    return tuple(str(n) for n in range(first, last + 1))
-
-
-EXAMPLE_MAPS = {
-    "": ExampleMap(_feature("label")),
-    "clevr_count": ExampleMap(
-        _clevr_count, features=("objects",), num_classes=8, class_names=_digits(3, 10)
-    ),
-    "clevr_distance": ExampleMap(_clevr_distance, features=("objects",), num_classes=6),
-    "kitti_distance": ExampleMap(_kitti_distance, features=("objects",), num_classes=4),
-    "dsprites_location": ExampleMap(
-        _coarsened("label_x_position", 32, 16),
-        features=("label_x_position",),
-        num_classes=16,
-        pixel_scale=255,
-    ),
-    "dsprites_orientation": ExampleMap(
-        _coarsened("label_orientation", 40, 16),
-        features=("label_orientation",),
-        num_classes=16,
-        pixel_scale=255,
-    ),
-    "smallnorb_azimuth": ExampleMap(
-        _feature("label_azimuth"), features=("label_azimuth",), num_classes=18
-    ),
-    "smallnorb_elevation": ExampleMap(
-        _feature("label_elevation"), features=("label_elevation",), num_classes=9
-    ),
-    "ucf101_middle_frame": ExampleMap(_middle_frame, image_key="video"),
-}
-
-
-FEATURE_PREFIX = "feature:"  # "feature:coarse_label": that feature is the label
-
-
-def example_map(name: str) -> ExampleMap:
-    """The map named ``name``: a key of ``EXAMPLE_MAPS``, or ``feature:<label feature>``."""
-    if name.startswith(FEATURE_PREFIX):
-        feature = name.removeprefix(FEATURE_PREFIX)
-        return ExampleMap(_feature(feature), features=(feature,))
-    if name not in EXAMPLE_MAPS:
-        raise ValueError(
-            f"unknown label map {name!r}; valid choices: {sorted(EXAMPLE_MAPS)} or "
-            f"'{FEATURE_PREFIX}<label feature>'"
-        )
-    return EXAMPLE_MAPS[name]
-
-
-# --- class names for CLIP text prompts, where tfds's are numbers or not words ---
-
-CIFAR10_NAMES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-# The fine labels in CIFAR-100's label order (alphabetical), as in its fine_label_names.txt.
-_CIFAR100_WORDS = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy
-    bridge bus
-    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
-    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
-    keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse
-    mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
-    porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper
-    snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
-    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"""
-CIFAR100_NAMES = tuple(_CIFAR100_WORDS.split())
-DIGIT_NAMES = _digits(0, 9)
-
-
-def _sun397_name(name: str) -> str:
-    """``/b/bakery/shop`` -> ``bakery shop``: drop the letter folder, keep the words."""
-    return " ".join(name.strip("/").split("/")[1:]).replace("_", " ")
-
-
-def _split_camel_case(name: str) -> str:
-    """``ApplyEyeMakeup`` -> ``Apply Eye Makeup`` (UCF101, EuroSAT)."""
-    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
-
-
-NAME_RULES = {"sun397": _sun397_name, "camel_case": _split_camel_case}
-
-
-# --- presets ---
-
-
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """One dataset as a protocol uses it. ``class_names``: explicit names, ``FROM_TFDS``, or
-    a key of ``NAME_RULES`` applied to tfds's names."""
+    a key of ``class_names.TFDS_NAME_RULES`` applied to tfds's names."""
 
     name: str
     tfds_name: str  # builder[/config]
@@ -236,7 +66,7 @@ class Preset:
     group: str  # vp | vtab-natural | vtab-specialized | vtab-structured | fgvc | coop | demo
     source: str  # where the split protocol comes from
     trainval: str = ""  # final-run training split (VTAB: train800val200)
-    label_map: str = ""  # key of EXAMPLE_MAPS; "" = the builder's "label" feature
+    label_map: str = ""  # key of label_maps.EXAMPLE_MAPS; "" = the builder's "label" feature
     class_names: tuple[str, ...] | str = FROM_TFDS
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     train_crop: str = "resize"
@@ -255,7 +85,7 @@ class Preset:
             return self.class_names
         if self.class_names == FROM_TFDS:
             return tuple(tfds_names)
-        return tuple(NAME_RULES[self.class_names](n) for n in tfds_names)
+        return tuple(TFDS_NAME_RULES[self.class_names](n) for n in tfds_names)
 
 
 # tfds's own "validation" then "test": VP/PGN use the builder's splits as they are.
@@ -335,7 +165,7 @@ _VP_PRESETS = (
         ("train[:90%]", "train[90%:]", "validation"),
         8,
         label_map="clevr_count",
-        class_names=_digits(3, 10),
+        class_names=COUNT_NAMES,
         templates=CLIP_COUNT_TEMPLATES,
     ),
 )
@@ -425,7 +255,7 @@ _VTAB_PRESETS = (
         "validation",
         8,
         label_map="clevr_count",
-        class_names=_digits(3, 10),
+        class_names=COUNT_NAMES,
         templates=CLIP_COUNT_TEMPLATES,
     ),
     _vtab(
@@ -513,49 +343,15 @@ def _fgvc(name, tfds_name, version, splits, num_classes, **kw) -> Preset:
     )
 
 
-def _image_label_info(builder) -> tfds.core.DatasetInfo:
-    """An image and a label whose class names the builder sets from the local files."""
-    features = {
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=None),
-    }
-    return tfds.core.DatasetInfo(builder=builder, features=tfds.features.FeaturesDict(features))
+# The tfds builders jprompt defines (``jprompt.data.builders``), prepared from local files, never
+# downloaded: a local folder of class folders (NABirds, which tfds does not have), CoOp's split
+# files and PGN's.
+LOCAL_FOLDER = "local_image_folder"
+COOP_SPLIT = "coop_split"
+PGN_SPLIT = "pgn_split"
+LOCAL_BUILDERS = (LOCAL_FOLDER, COOP_SPLIT, PGN_SPLIT)
+DEMO_BUILDER = "jprompt_shapes"  # jprompt.data.synthetic, the offline demo datasets
 
-
-class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
-    """Image-classification data from a local directory, for datasets tfds does not have.
-
-    Reads ``<manual_dir>/<config>/{train,test}/<class name>/<image>`` (class names are the
-    sorted folder names) into ordinary tfds records, so split slicing works as for any
-    builder. Prepared by ``jprompt.data.pipeline.load_builder`` on first use, offline.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="nabirds", description="NABirds")]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put the images into <manual_dir>/<config>/train/<class>/ and .../test/<class>/."
-    )
-
-    def _info(self):
-        return _image_label_info(self)
-
-    def _split_generators(self, dl_manager):
-        root = dl_manager.manual_dir / self.builder_config.name
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        self.info.features["label"].names = classes
-        return {
-            split: self._generate_examples(root / split, classes) for split in ("train", "test")
-        }
-
-    def _generate_examples(self, directory, classes):
-        for label, name in enumerate(classes):
-            for path in sorted((directory / name).iterdir()):
-                yield f"{name}/{path.name}", {"image": path, "label": label}
-
-
-# NABirds is not in tfds: ``local_image_folder`` reads it from a local directory of class folders.
-LOCAL_FOLDER = LocalImageFolder.name
 _NABIRDS_DOWNLOAD = (
     "NABirds is not in tfds: arrange the images as <manual_dir>/nabirds/train/<class>/*.jpg "
     "and <manual_dir>/nabirds/test/<class>/*.jpg (train_test_split.txt of the NABirds release "
@@ -597,83 +393,6 @@ COOP_DATASETS = {
 PGN_SPLIT_DATASETS = {"resisc45": ("resisc45_json.json", "images", 45)}
 
 
-class CoopSplit(tfds.core.GeneratorBasedBuilder):
-    """The train / val / test splits of CoOp's ``split_zhou_<Dataset>.json`` files (Zhou et al.
-    2022, also used by CoCoOp, MaPLe, PGN and others), over the user's copy of CoOp's dataset
-    folder.
-
-    Reads ``<manual_dir>/coop/<config>/split_zhou_*.json``, whose entries are ``[image path
-    relative to the dataset's image directory, label, class name]``, and the images under
-    ``<manual_dir>/coop/<config>/<image directory>`` (``COOP_DATASETS``). Class names are CoOp's.
-    Prepared by ``jprompt.data.pipeline.load_builder`` on first use, offline.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
-    FOLDER = "coop"  # under the manual_dir
-    DATASETS = COOP_DATASETS
-    SOURCE = "CoOp's folder of the dataset (github.com/KaiyangZhou/CoOp, DATASETS.md)"
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in DATASETS]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Copy CoOp's folder of the dataset (its split_zhou_*.json beside the image directory) "
-        "to <manual_dir>/coop/<config>/."
-    )
-
-    def _info(self):
-        return _image_label_info(self)
-
-    def _split_generators(self, dl_manager):
-        name = self.builder_config.name
-        split_file, images, _ = self.DATASETS[name]
-        root = dl_manager.manual_dir / self.FOLDER / name
-        image_dir = f"{images}/" if images else "the image folders"
-        if not (root / split_file).exists():
-            raise FileNotFoundError(
-                f"split file {root / split_file} not found: {root} must hold {split_file} (a "
-                "JSON object whose 'train', 'val' and 'test' lists hold [image path, label, "
-                f"class name]) beside {image_dir}, the directory those paths are relative to; "
-                f"both come from {self.SOURCE}"
-            )
-        splits = json.loads((root / split_file).read_text())
-        names = {label: class_name for _, label, class_name in splits["train"]}
-        self.info.features["label"].names = [names[label] for label in range(len(names))]
-        image_root = root / images if images else root
-        return {
-            tfds_split: self._generate_examples(image_root, splits[coop_split])
-            for tfds_split, coop_split in (
-                ("train", "train"),
-                ("validation", "val"),
-                ("test", "test"),
-            )
-        }
-
-    def _generate_examples(self, image_root, items):
-        for path, label, _ in items:
-            yield path, {"image": image_root / path, "label": label}
-
-
-class PgnSplit(CoopSplit):
-    """PGN's split files in CoOp's format (``PGN_SPLIT_DATASETS``), read from
-    ``<manual_dir>/pgn/<config>/``."""
-
-    FOLDER = "pgn"
-    DATASETS = PGN_SPLIT_DATASETS
-    SOURCE = (
-        "PGN's data/resisc45/resisc45_json.json (github.com/jochemloedeman/PGN) and the "
-        "NWPU-RESISC45 class folders"
-    )
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in DATASETS]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put PGN's split file beside the image directory into <manual_dir>/pgn/<config>/."
-    )
-
-
-COOP_SPLIT = CoopSplit.name
-PGN_SPLIT = PgnSplit.name
-# Prepared from local files, never downloaded.
-LOCAL_BUILDERS = (LOCAL_FOLDER, COOP_SPLIT, PGN_SPLIT)
-
-
 def _unversioned(name, tfds_name, num_classes, group, source, **kw) -> Preset:
     """A builder defined in jprompt, read with its own train / validation / test splits."""
     return Preset(name, tfds_name, "", *_OFFICIAL, num_classes, group, source, **kw)
@@ -710,8 +429,8 @@ _PGN_SPLIT_PRESETS = (
 
 _DEMO_PRESETS = tuple(
     _unversioned(
-        f"jprompt_shapes/{task}",
-        f"jprompt_shapes/{task}",
+        f"{DEMO_BUILDER}/{task}",
+        f"{DEMO_BUILDER}/{task}",
         classes,
         "demo",
         "jprompt's offline procedural dataset",
@@ -758,25 +477,6 @@ def for_builder(builder_name: str) -> list[Preset]:
     return [p for p in PRESETS.values() if p.tfds_name.split("/")[0] == builder_name]
 
 
-def manual_download_help(builder: tfds.core.DatasetBuilder, data_dir_root: str) -> str:
-    """Where to put the source files of ``builder`` so that tfds prepares it without network.
-
-    tfds takes a file from its manual_dir instead of downloading it when the file has the name
-    tfds registered for that URL, so those names are listed.
-    """
-    manual_dir = f"{data_dir_root}/downloads/manual"
-    files = sorted({i.filename for i in (builder.url_infos or {}).values() if i.filename})
-    notes = [f" {p.name}: {p.download}." for p in for_builder(builder.name) if p.download]
-    if not files and not notes:
-        return ""
-    listed = f" ({', '.join(files)})" if files else ""
-    return (
-        f" Without network, put the source files{listed} into {manual_dir} and run "
-        f"`tfds build {builder.name} --data_dir {data_dir_root} --manual_dir {manual_dir}`."
-        + "".join(notes)
-    )
-
-
 # --- PGN's protocol (Loedeman et al.; github.com/jochemloedeman/PGN) ---
 
 # PGN's dataset -> (the preset holding its data and splits, the split PGN trains on). Its
@@ -804,62 +504,12 @@ PGN_DATASETS = {
 
 # CoOp's renaming of a dataset's own class names (KaiyangZhou/CoOp datasets/eurosat.py
 # NEW_CNAMES; datasets/sun397.py read_data drops the letter folder and puts words like
-# "indoor" first).
-_COOP_EUROSAT_NAMES = {
-    "AnnualCrop": "Annual Crop Land",
-    "Forest": "Forest",
-    "HerbaceousVegetation": "Herbaceous Vegetation Land",
-    "Highway": "Highway or Road",
-    "Industrial": "Industrial Buildings",
-    "Pasture": "Pasture Land",
-    "PermanentCrop": "Permanent Crop Land",
-    "Residential": "Residential Buildings",
-    "River": "River",
-    "SeaLake": "Sea or Lake",
-}
-
-
-def _coop_sun397_name(name: str) -> str:
-    """``/a/apartment_building/outdoor`` -> ``outdoor apartment_building``."""
-    return " ".join(reversed(name.strip("/").split("/")[1:]))
-
-
-# Where tfds's label list gives CoOp's class names in CoOp's label order: tfds's list, sorted
-# where CoOp sorts the class folders (datasets/dtd.py read_and_split_data, also used for
-# EuroSAT and Food101; tfds's Food101 list has cheesecake before cheese_plate), renamed as CoOp
-# renames. Oxford Pets: both number the annotation file's class ids; SUN397: both follow
-# ClassName.txt; RESISC45: PGN's file has tfds's names in tfds's order.
-_NAMES_FROM_TFDS = {
-    "dtd": (sorted, str),
-    "eurosat": (sorted, _COOP_EUROSAT_NAMES.__getitem__),
-    "food101": (sorted, str),
-    "oxford_iiit_pet": (list, str),
-    "sun397": (list, _coop_sun397_name),
-    "resisc45": (list, str),
-}
-# CoOp's Flowers names come from its cat_to_name.json and its UCF101 order from classInd.txt,
-# which tfds's lists do not reproduce exactly: there the split file's names are used.
-_NAMES_FROM_SPLIT_FILE = ("oxford_flowers102", "ucf101")
 
 
 def _pgn_name(name: str) -> str:
     """The words PGN puts into its template: ``_`` as a space, lower case (its datamodules'
     index_to_classes and _create_prompts)."""
     return name.replace("_", " ").lower()
-
-
-def _pgn_class_names(name: str) -> tuple[str, ...]:
-    """The class names PGN's zero-shot head uses for its dataset ``name``, in label order, as
-    they enter the template; () where only the split file has them (read at run time)."""
-    if name in _NAMES_FROM_SPLIT_FILE:
-        return ()
-    if name in _NAMES_FROM_TFDS:
-        order, rename = _NAMES_FROM_TFDS[name]
-        tfds_names = tfds.builder(PRESETS[name].tfds_spec).info.features["label"].names
-        names = [rename(n) for n in order(tfds_names)]
-    else:  # torchvision's CIFAR class names, SVHN digits, CLEVR counts: the presets' own
-        names = PRESETS[PGN_DATASETS[name][0]].class_names
-    return tuple(_pgn_name(n) for n in names)
 
 
 def pgn_preset(name: str) -> Preset:
@@ -874,9 +524,15 @@ def pgn_preset(name: str) -> Preset:
         )
     preset_name, train = PGN_DATASETS[name]
     preset = PRESETS[preset_name]
+    if name in PGN_CLASS_NAMES:
+        names = PGN_CLASS_NAMES[name]
+    elif isinstance(preset.class_names, tuple):  # CIFAR, SVHN, CLEVR: the preset's own
+        names = tuple(_pgn_name(n) for n in preset.class_names)
+    else:  # Flowers, UCF101: only the split file has CoOp's names, read at run time
+        names = preset.class_names
     return dataclasses.replace(
         preset,
         train=train,
-        class_names=_pgn_class_names(name) or preset.class_names,
+        class_names=names,
         source=f"PGN protocol (jochemloedeman/PGN) over {preset.source}",
     )

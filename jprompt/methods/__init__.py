@@ -1,32 +1,36 @@
-"""Methods by name. Each is a frozen dataclass following ``jprompt.methods.base.Method``."""
+"""Prompt methods by name, one module each; every one follows ``jprompt.methods.base.Method``.
+
+Importing this package loads no method: ``build`` imports the module of the one it makes, so that
+importing one piece (``jprompt.methods.gumbel``, one method) loads only what that piece needs.
+"""
 
 import dataclasses
+import importlib
 
-from jprompt.methods.adavipro import AdaViPro
-from jprompt.methods.base import Method
-from jprompt.methods.finetune import FineTune
-from jprompt.methods.linear import LinearProbe, ZeroShot
-from jprompt.methods.pgn import LearnedTokens, PromptGenerationNetwork
-from jprompt.methods.vp import VisualPrompt
-from jprompt.methods.vpt import VisualPromptTuning
-
-METHODS: dict[str, type[Method]] = {
-    "linear_probe": LinearProbe,
-    "finetune": FineTune,
-    "vp": VisualPrompt,
-    "pgn": PromptGenerationNetwork,
-    "prompt_tokens": LearnedTokens,
-    "adavipro": AdaViPro,
-    "vpt": VisualPromptTuning,
-    "zeroshot": ZeroShot,
+# name -> (module under jprompt.methods, class)
+METHODS: dict[str, tuple[str, str]] = {
+    "linear_probe": ("linear", "LinearProbe"),
+    "finetune": ("finetune", "FineTune"),
+    "vp": ("vp", "VisualPrompt"),
+    "pgn": ("pgn", "PromptGenerationNetwork"),
+    "prompt_tokens": ("pgn", "LearnedTokens"),
+    "adavipro": ("adavipro", "AdaViPro"),
+    "vpt": ("vpt", "VisualPromptTuning"),
+    "zeroshot": ("linear", "ZeroShot"),
 }
 
 
-def build(name: str, *, backbone, num_classes: int, **options) -> Method:
-    """Instantiate method ``name`` with its ``options``; unknown names or options fail clearly."""
+def method_class(name: str) -> type:
+    """The ``Method`` subclass registered as ``name``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid choices: {sorted(METHODS)}")
-    cls = METHODS[name]
+    module, cls = METHODS[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def build(name: str, *, backbone, num_classes: int, **options):
+    """Instantiate method ``name`` with its ``options``; unknown names or options fail clearly."""
+    cls = method_class(name)
     valid = {f.name for f in dataclasses.fields(cls)} - {"backbone", "num_classes"}
     unknown = sorted(set(options) - valid)
     if unknown:

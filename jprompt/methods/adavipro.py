@@ -1,8 +1,8 @@
 r"""AdaViPro: a VP padding prompt applied only where a learned per-region mask says so.
 
 Yang et al. 2024, "AdaViPro: Region-based Adaptive Visual Prompt for Large-Scale Models
-Adapting". No official code is public; what the paper states and what is chosen here is listed
-in ``shared/METHODS.md``. The prompted image is
+Adapting". No official code is public: where the paper leaves a choice open, it is marked
+"[open in the paper ...]" below with what is chosen here. The prompted image is
 
     x' = x + P * M
 
@@ -13,8 +13,8 @@ regions of 32 px at 224 px), nearest-upsampled from the region decisions. The ma
 
 1. Edge map: a fixed 4-neighbour Laplacian ``[[0, 1, 0], [1, -4, 1], [0, 1, 0]]``, zero padding 1,
    on the normalized image: on its grayscale (channel mean, ``edge_input="gray"``, the default)
-   or on each RGB channel separately (``"rgb"``). The kernel is the constant ``LAPLACIAN``, not a
-   parameter.
+   or on each RGB channel separately (``"rgb"``) [open in the paper: both are here]. The kernel
+   is the constant ``LAPLACIAN``, not a parameter.
 2. "Convergence" conv: ``C -> embed_dim`` channels, kernel ``kernel_size`` (default 32 = the
    region size), stride ``region_size``, padding ``(kernel_size - region_size) / 2`` on each side
    so that every output position is centred on its region (one output per region, R x R), then
@@ -28,9 +28,9 @@ regions of 32 px at 224 px), nearest-upsampled from the region decisions. The ma
 Training draws the region decision with a Gumbel-softmax over the 2 choices at temperature
 ``tau0 * tau_decay ** epoch`` (5 and 0.98 as in the paper), straight-through hard by default
 (``hard=True``: exact 0/1 masks forward, the soft sample's gradient backward; ``hard=False``
-uses the soft sample as a fractional mask). Evaluation takes the argmax: exact 0/1 masks, no
-noise. With a vision-only backbone a linear head is trained on the frozen features, as VP does in
-this project.
+uses the soft sample as a fractional mask) [open in the paper: both are here]. Evaluation takes
+the argmax: exact 0/1 masks, no noise. With a vision-only backbone a linear head is trained on
+the frozen features, as VP does in this project.
 
 Trainable parameters (the prompter; the linear head comes on top, ``feature_dim * C + C``; the
 paper's CLIP setting has a frozen text head instead) at 224 px, ``prompt_size=30``:
@@ -122,6 +122,8 @@ class MaskGenerator(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class AdaViPro(Method):
+    has_pictures = True
+
     prompt_size: int = 30
     region_size: int = 32
     embed_dim: int = 64
@@ -197,7 +199,7 @@ class AdaViPro(Method):
         template = vp.padding_prompt(prompter["template"]).astype(images.dtype)
         return images + template[None] * pixel_masks[..., None], info
 
-    def visualize(self, trained, frozen, images, *, rng):
+    def visualize(self, trained, frozen, images, *, rng=None):
         """Evaluation-mode prompted images and the pixel masks that placed the prompt."""
         del frozen
         prompter = trained["params"]["prompter"]
@@ -205,7 +207,7 @@ class AdaViPro(Method):
         mask = upsample_regions(info["region_masks"], self.region_size)[..., None]
         return {"prompted": prompted, "prompt_mask": mask}
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         params = trained["params"]
         prompted, info = self.prompt(params["prompter"], images, rng=rng, train=train, epoch=epoch)
         # The backbone itself runs in inference mode, as in VP.

@@ -3,30 +3,40 @@
 A method splits the backbone's parameters into a trainable tree and a frozen tree and maps
 ``(trained, frozen, images)`` to logits:
 
-    trained, frozen = method.init(rng, backbone_params)
+    trained, frozen = method.init(rng, backbone_params)        # or from_arrays(...)
     logits, aux = method.apply(trained, frozen, images, rng=rng, train=True, epoch=epoch)
+    logits, aux = method.apply(trained, frozen, images)        # evaluation
 
 ``trained`` is ``{"params": ...}`` plus, for methods with BatchNorm, ``{"batch_stats": ...}``.
 Only ``trained["params"]`` is differentiated and optimised; ``frozen`` is passed to the jitted
 step as its own argument and never differentiated, so no weight gradient of the backbone is ever
-computed. ``aux`` may hold ``"mutable"``: updated non-parameter collections (BatchNorm
-statistics) that the trainer writes back into ``trained``. Randomness comes only from ``rng``.
-``epoch`` (a scalar array, the 0-based epoch of the current step while training, 0 at
-evaluation) lets methods follow per-epoch schedules such as AdaViPro's Gumbel temperature.
+computed. ``aux["features"]`` is the pooled feature the head saw, beside the backbone's other
+intermediates; ``aux`` may hold ``"mutable"``: updated non-parameter collections (BatchNorm
+statistics) that the trainer writes back into ``trained``. Randomness comes only from ``rng``,
+which may be left out where nothing is random (a method that needs it says so). ``epoch`` (a
+scalar array, the 0-based epoch of the current step while training, 0 at evaluation) lets
+methods follow per-epoch schedules such as AdaViPro's Gumbel temperature.
 
 Heads: every method ends in the same head, chosen when the method is built. By default a linear
 head (initialised by ``head_init``) trains next to the method, in ``trained["params"]["head"]``;
 given ``zeroshot`` (a CLIP text classifier) the head is frozen instead, in
 ``frozen["zeroshot_head"]``, as in the VP and PGN papers' CLIP setting.
+
+What the trainer may use besides ``init`` and ``apply`` is declared here (``caches_features``,
+``has_pictures``, ``has_token_weights``), so that it never asks for a method's class.
 """
 
 import abc
 import dataclasses
+import difflib
+from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
 from jprompt.methods import heads
-from jprompt.models.backbones import Backbone
+from jprompt.models.backbone import Backbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +47,18 @@ class Method(abc.ABC):
     num_classes: int
     head_init: str = "zeros"
     zeroshot: heads.ZeroShotHead | None = None
+
+    # ``visualize(trained, frozen, images, *, rng) -> {name: images}`` draws what the method does
+    # to its inputs.
+    has_pictures: ClassVar[bool] = False
+    # ``token_weights(trained, images) -> (B, K, N)``: how each image mixes a token library.
+    has_token_weights: ClassVar[bool] = False
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether the trainer computes each image's ``features(frozen, images)`` once and trains
+        ``on_features()`` on them (the linear probe's feature cache) instead of ``apply``."""
+        return False
 
     def init_head(self, rng: jax.Array) -> tuple[dict, dict]:
         """``(trainable, frozen)`` entries for the head, to merge into the method's trees."""
@@ -57,7 +79,47 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def init(self, rng: jax.Array, backbone_params: dict) -> tuple[dict, dict]:
-        """Returns ``(trained, frozen)``."""
+        """Returns ``(trained, frozen)``, the trainable arrays drawn from ``rng``."""
+
+    def from_arrays(
+        self,
+        backbone_params: dict,
+        params: dict,
+        *,
+        batch_stats: dict | None = None,
+        rng: jax.Array | None = None,
+    ) -> tuple[dict, dict]:
+        """``(trained, frozen)`` as ``init`` returns them, holding the given arrays.
+
+        ``params`` is laid out as ``trained["params"]`` (``batch_stats`` as
+        ``trained["batch_stats"]``), e.g. ``{"prompter": {"tokens": t}}`` for VPT or
+        ``{"library": L}`` for PGN. Arrays left out are drawn from ``rng`` as ``init`` draws
+        them; without ``rng`` every trainable array must be given. A path ``init`` does not
+        create, or another shape, fails naming it.
+        """
+        trained, frozen = self.init(jax.random.PRNGKey(0) if rng is None else rng, backbone_params)
+        given = {"params": params}
+        if batch_stats is not None:
+            given["batch_stats"] = batch_stats
+        drawn = traverse_util.flatten_dict(trained, sep="/")
+        new = traverse_util.flatten_dict(given, sep="/")
+        problems = []
+        for path, value in new.items():
+            if path not in drawn:
+                close = difflib.get_close_matches(path, list(drawn), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"{path!r} is not an array of this method{hint}")
+            elif jnp.shape(value) != drawn[path].shape:
+                problems.append(
+                    f"{path!r} has shape {jnp.shape(value)}, expected {drawn[path].shape}"
+                )
+        missing = sorted(set(drawn) - set(new)) if rng is None else []
+        if missing:
+            problems.append(f"no rng= to draw the arrays not given: {missing}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}.from_arrays: " + "; ".join(problems))
+        drawn.update({path: jnp.asarray(v, drawn[path].dtype) for path, v in new.items()})
+        return traverse_util.unflatten_dict(drawn, sep="/"), frozen
 
     @abc.abstractmethod
     def apply(
@@ -66,8 +128,8 @@ class Method(abc.ABC):
         frozen: dict,
         images: jax.Array,
         *,
-        rng: jax.Array,
-        train: bool,
+        rng: jax.Array | None = None,
+        train: bool = False,
         epoch: jax.Array | int = 0,
     ) -> tuple[jax.Array, dict]:
         """Returns ``(logits, aux)``."""

@@ -11,7 +11,7 @@ class FineTune(Method):
         head, head_frozen = self.init_head(rng)
         return {"params": {"backbone": backbone_params, **head}}, head_frozen
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         del epoch
         params = trained["params"]
         features, out = self.backbone.features(params["backbone"], images, rng=rng, train=train)

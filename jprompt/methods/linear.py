@@ -1,8 +1,8 @@
-"""Linear probe: a linear classifier on the frozen backbone's pre-logits features.
+"""Linear probe: a linear classifier on the frozen backbone's pooled features.
 
 With ``cache_features`` the trainer computes each image's features once and trains the head on
-them (``jprompt.train.feature_cache``): its steps run ``on_features()``, this probe without the
-backbone, whose input is those features.
+them (``caches_features``; ``jprompt.train.feature_cache``): its steps run ``on_features()``,
+this probe without the backbone, whose input is those features.
 
 With a zero-shot head (CLIP) nothing trains: ``ZeroShot`` is that case under its own name, so a
 run's results say what was measured (the untuned zero-shot accuracy).
@@ -22,6 +22,10 @@ class LinearProbe(Method):
 
     cache_features: bool = False
 
+    @property
+    def caches_features(self) -> bool:
+        return self.cache_features
+
     def init(self, rng, backbone_params):
         head, head_frozen = self.init_head(rng)
         return {"params": head}, {"backbone": backbone_params, **head_frozen}
@@ -33,7 +37,7 @@ class LinearProbe(Method):
         # Nothing upstream of the head needs a gradient; make that explicit for XLA.
         return jax.lax.stop_gradient(features), out
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         del rng, train, epoch  # The backbone runs in inference mode; the head is deterministic.
         features, out = self.features(frozen, images)
         return self.head_logits(trained["params"], frozen, features), out
@@ -49,7 +53,7 @@ class ProbeHead(LinearProbe):
     """A linear probe whose input is the backbone's features ``(B, feature_dim)`` instead of
     images. Its trees are the probe's, so the two share checkpoints."""
 
-    def apply(self, trained, frozen, features, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, features, *, rng=None, train=False, epoch=0):
         del rng, train, epoch
         return self.head_logits(trained["params"], frozen, features), {}
 

@@ -1,10 +1,13 @@
 """PGN: prompt generation networks (Loedeman et al. 2022/2024) and their input-free baseline.
 
-``PromptGenerationNetwork`` ("pgn"): a ResNet-10 generator (``jprompt.models.resnet``) looks at
-the same normalized image the backbone sees and outputs logits ``(K, N)``; a softmax over the N
-rows of a learned token library ``L (N, D)`` (no temperature) mixes them into K prompt tokens,
-``prompts = softmax(logits) @ L`` of shape ``(K, D)``: each token is a convex combination of
-library rows. The tokens are appended at the END of the frozen backbone's sequence (after CLS and
+``PromptGenerator``, the generator on its own (it needs no backbone, only K, N and the token
+width D): a ResNet-10 (``jprompt.models.resnet``) looks at the normalized image and outputs
+logits ``(K, N)``; a softmax over the N rows of a learned token library ``L (N, D)`` (no
+temperature) mixes them into K prompt tokens, ``prompts = softmax(logits) @ L`` of shape
+``(K, D)``: each token is a convex combination of library rows.
+
+``PromptGenerationNetwork`` ("pgn"): that generator on the same normalized image the backbone
+sees. The tokens are appended at the END of the frozen backbone's sequence (after CLS and
 the patches), after the position embedding was added, so they carry none
 (``prompt_position="end"``). L is initialised N(0, 0.02^2). As in the official code the
 generator sees the image at the backbone's resolution (the official code resizes to 224, which is
@@ -34,8 +37,8 @@ with ``pool="tok"`` and ``3 P^2 >= D``, and fails clearly otherwise.
 
 Sizes of the official releases (generator + library, head and BN statistics not counted):
 K=16, N=256, D=768 (CLIP ViT-B/32): 835,696 + 196,608 = 1,032,304; K=16, N=128, D=768 (ViT-B/32):
-669,808; K=16, N=128, D=384 (DINO ViT-S/16): 620,656. ``load_released_pgn`` imports the released
-PyTorch weights.
+669,808; K=16, N=128, D=384 (DINO ViT-S/16): 620,656. ``jprompt.methods.pgn_release`` imports
+the released PyTorch weights.
 
 ``LearnedTokens`` ("prompt_tokens"): the paper's input-independent baseline (``IIP`` in the
 official code): K learned tokens, N(0, 0.02^2), appended the same way, plus the head.
@@ -46,12 +49,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jprompt.methods import inversion
 from jprompt.methods.base import Method
-from jprompt.models import resnet, torch_checkpoint
-from jprompt.models.resnet import ResNet10
+from jprompt.models import resnet
 
 TOKEN_INIT_STD = 0.02
 PROMPT_POSITION = "end"
@@ -68,7 +69,58 @@ def mix_library(logits: jax.Array, library: jax.Array) -> tuple[jax.Array, jax.A
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptGenerator:
+    """PGN's prompt generator: image -> K tokens mixed from an ``(N, D)`` library.
+
+    Its arrays: ``params = {"generator": ..., "library": (N, D)}`` and
+    ``batch_stats = {"generator": ...}``, the layout of ``PromptGenerationNetwork``'s trained
+    state (whose ``params`` also hold the head, ignored here).
+    """
+
+    num_tokens: int = 16  # K
+    library_size: int = 256  # N
+    token_dim: int = 768  # D: the backbone's hidden size
+
+    @property
+    def network(self) -> resnet.ResNet10:
+        return resnet.ResNet10(num_outputs=self.num_tokens * self.library_size)
+
+    def init(self, rng: jax.Array) -> tuple[dict, dict]:
+        """``(params, batch_stats)``: the ResNet as PyTorch draws it, the library N(0, 0.02^2).
+
+        ``rng`` is split in three as ``PromptGenerationNetwork.init`` splits it (the third key
+        draws its head), so a generator and a PGN made from one rng hold the same arrays.
+        """
+        net_rng, lib_rng, _ = jax.random.split(rng, 3)
+        variables = resnet.init_variables(self.network, net_rng)
+        params = {
+            "generator": variables["params"],
+            "library": init_tokens(lib_rng, (self.library_size, self.token_dim)),
+        }
+        return params, {"generator": variables["batch_stats"]}
+
+    def __call__(self, params: dict, batch_stats: dict, images: jax.Array, *, train=False):
+        """``(prompts (B, K, D), token_weights (B, K, N), new batch_stats or None)`` for
+        normalized ``images``. ``train`` normalizes with the batch's statistics and returns the
+        updated running ones; otherwise the running ones are used."""
+        variables = {"params": params["generator"], "batch_stats": batch_stats["generator"]}
+        if train:
+            logits, updates = self.network.apply(
+                variables, images, train=True, mutable=["batch_stats"]
+            )
+            new_stats = {"generator": updates["batch_stats"]}
+        else:
+            logits, new_stats = self.network.apply(variables, images, train=False), None
+        logits = logits.reshape(images.shape[0], self.num_tokens, self.library_size)
+        prompts, weights = mix_library(logits, params["library"])
+        return prompts, weights, new_stats
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptGenerationNetwork(Method):
+    has_pictures = True
+    has_token_weights = True
+
     num_tokens: int = 16  # K
     library_size: int = 256  # N
     deployable: bool = False  # train with the geometry of prompt inversion (module docstring)
@@ -88,45 +140,25 @@ class PromptGenerationNetwork(Method):
         return self.backbone.module.hidden_size
 
     @property
-    def generator(self) -> ResNet10:
-        return ResNet10(num_outputs=self.num_tokens * self.library_size)
+    def generator(self) -> PromptGenerator:
+        return PromptGenerator(self.num_tokens, self.library_size, self.token_dim)
 
     def init(self, rng, backbone_params):
-        gen_rng, lib_rng, head_rng = jax.random.split(rng, 3)
-        head, head_frozen = self.init_head(head_rng)
-        variables = resnet.init_variables(self.generator, gen_rng, self.backbone.image_size)
-        params = {
-            "generator": variables["params"],
-            "library": init_tokens(lib_rng, (self.library_size, self.token_dim)),
-            **head,
-        }
-        trained = {"params": params, "batch_stats": {"generator": variables["batch_stats"]}}
+        head, head_frozen = self.init_head(jax.random.split(rng, 3)[2])
+        params, batch_stats = self.generator.init(rng)
+        trained = {"params": {**params, **head}, "batch_stats": batch_stats}
         return trained, {"backbone": backbone_params, **head_frozen}
 
     def prompts(self, trained, images, *, train: bool):
-        """``(prompts (B, K, D), token_weights (B, K, N), new generator batch_stats or None)``."""
-        params = trained["params"]
-        variables = {
-            "params": params["generator"],
-            "batch_stats": trained["batch_stats"]["generator"],
-        }
-        if train:
-            logits, updates = self.generator.apply(
-                variables, images, train=True, mutable=["batch_stats"]
-            )
-            new_stats = updates["batch_stats"]
-        else:
-            logits, new_stats = self.generator.apply(variables, images, train=False), None
-        logits = logits.reshape(images.shape[0], self.num_tokens, self.library_size)
-        prompts, weights = mix_library(logits, params["library"])
-        return prompts, weights, new_stats
+        """``(prompts (B, K, D), token_weights (B, K, N), new batch_stats or None)``."""
+        return self.generator(trained["params"], trained["batch_stats"], images, train=train)
 
     def token_weights(self, trained, images):
         """``(B, K, N)``: how each image mixes the library rows into its K tokens, as
         ``aux["token_weights"]`` of ``apply(..., train=False)``, without running the backbone."""
         return self.prompts(trained, images, train=False)[1]
 
-    def visualize(self, trained, frozen, images, *, rng):
+    def visualize(self, trained, frozen, images, *, rng=None):
         """How each image mixes the token library: its (K, N) softmax weights as a heat map,
         scaled so that each image's largest weight is white."""
         del frozen, rng
@@ -134,7 +166,7 @@ class PromptGenerationNetwork(Method):
         scaled = weights / weights.max(axis=(1, 2), keepdims=True)
         return {"library_usage_mask": scaled[..., None]}
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         del rng, epoch  # deterministic; the backbone runs in eval mode
         prompts, weights, new_stats = self.prompts(trained, images, train=train)
         if self.deployable:
@@ -149,7 +181,7 @@ class PromptGenerationNetwork(Method):
         logits = self.head_logits(trained["params"], frozen, features)
         aux = {**out, "token_weights": weights}
         if new_stats is not None:
-            aux["mutable"] = {"batch_stats": {"generator": new_stats}}
+            aux["mutable"] = {"batch_stats": new_stats}
         return logits, aux
 
 
@@ -168,7 +200,7 @@ class LearnedTokens(Method):
         }
         return {"params": params}, {"backbone": backbone_params, **head_frozen}
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         del rng, train, epoch
         params = trained["params"]
         prompts = jnp.broadcast_to(params["tokens"], (images.shape[0], *params["tokens"].shape))
@@ -176,130 +208,6 @@ class LearnedTokens(Method):
             frozen["backbone"], images, prompt_tokens=prompts, prompt_position=PROMPT_POSITION
         )
         return self.head_logits(params, frozen, features), out
-
-
-# --- Import of the released PyTorch weights -------------------------------------------------
-
-
-def _released_key_map() -> dict[str, tuple[str, tuple[str, ...], str]]:
-    """PyTorch state-dict key -> (collection, path in our tree, conversion)."""
-    mapping = {"tl_vectors": ("params", ("library",), "copy")}
-
-    def conv(torch_name, path, bias=False):
-        mapping[f"{torch_name}.weight"] = ("params", (*path, "kernel"), "conv")
-        if bias:
-            mapping[f"{torch_name}.bias"] = ("params", (*path, "bias"), "copy")
-
-    def bn(torch_name, path):
-        for torch_leaf, collection, leaf in (
-            ("weight", "params", "scale"),
-            ("bias", "params", "bias"),
-            ("running_mean", "batch_stats", "mean"),
-            ("running_var", "batch_stats", "var"),
-        ):
-            mapping[f"{torch_name}.{torch_leaf}"] = (collection, (*path, leaf), "copy")
-
-    conv("model.input_net.0", ("generator", "stem_conv"))
-    bn("model.input_net.1", ("generator", "stem_bn"))
-    for i in range(4):
-        torch_block, block = f"model.blocks.{i}", ("generator", f"block_{i}")
-        conv(f"{torch_block}.net.0", (*block, "conv1"))
-        bn(f"{torch_block}.net.1", (*block, "bn1"))
-        conv(f"{torch_block}.net.3", (*block, "conv2"))
-        bn(f"{torch_block}.net.4", (*block, "bn2"))
-        if i > 0:
-            conv(f"{torch_block}.downsample", (*block, "downsample"), bias=True)
-    mapping["model.output_net.2.weight"] = ("params", ("generator", "output", "kernel"), "linear")
-    mapping["model.output_net.2.bias"] = ("params", ("generator", "output", "bias"), "copy")
-    return mapping
-
-
-_CONVERT = {
-    "copy": lambda x: x,
-    "conv": lambda x: x.transpose(2, 3, 1, 0),  # OIHW -> HWIO
-    "linear": lambda x: x.T,  # (out, in) -> (in, out)
-}
-
-
-def _set(tree: dict, path: tuple[str, ...], value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def load_released_pgn(
-    path,
-    *,
-    num_tokens: int | None = None,
-    library_size: int | None = None,
-    token_dim: int | None = None,
-) -> tuple[dict, dict]:
-    """Released PGN weights (a PyTorch ``TLPGN`` state dict) -> ``(params, batch_stats)``.
-
-    ``params = {"generator": ..., "library": (N, D)}`` and ``batch_stats = {"generator": ...}``,
-    in the layout of ``PromptGenerationNetwork``'s trained state (which adds its ``head``).
-    K, N and D are read from the file unless given; given ones must match. Missing or unexpected
-    keys and shape mismatches fail with one error naming all of them. ``num_batches_tracked``
-    (PyTorch's BN step counter) is not needed and dropped.
-    """
-    state = torch_checkpoint.load_state_dict(path)
-    mapping = _released_key_map()
-    library = state.get("tl_vectors")
-    output = state.get("model.output_net.2.weight")
-    if library is None or output is None or library.ndim != 2 or output.ndim != 2:
-        raise ValueError(
-            f"{path} is not a released PGN state dict: it needs 'tl_vectors' (N, D) and "
-            f"'model.output_net.2.weight' (K*N, 128); its keys are {sorted(state)}"
-        )
-    library_size = library_size or library.shape[0]
-    token_dim = token_dim or library.shape[1]
-    num_tokens = num_tokens or output.shape[0] // library_size
-
-    # Expected shapes from our own modules.
-    size = 32  # any size works: the shapes do not depend on it
-    generator = ResNet10(num_outputs=num_tokens * library_size)
-    abstract = jax.eval_shape(
-        lambda rng, x: generator.init(rng, x, train=False),
-        jax.random.PRNGKey(0),
-        jnp.zeros((1, size, size, 3), jnp.float32),
-    )
-    expected = {
-        "params": {"generator": abstract["params"], "library": (library_size, token_dim)},
-        "batch_stats": {"generator": abstract["batch_stats"]},
-    }
-
-    tree: dict = {"params": {}, "batch_stats": {}}
-    problems = []
-    unexpected = [
-        key for key in state if key not in mapping and not key.endswith(".num_batches_tracked")
-    ]
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    missing = [key for key in mapping if key not in state]
-    if missing:
-        problems.append(f"missing keys {missing}")
-    for key, (collection, tree_path, conversion) in mapping.items():
-        if key not in state:
-            continue
-        value = np.asarray(_CONVERT[conversion](state[key]), np.float32)
-        want = _get(expected[collection], tree_path)
-        want_shape = tuple(want) if isinstance(want, tuple) else tuple(want.shape)
-        if value.shape != want_shape:
-            problems.append(
-                f"{key}: shape {state[key].shape} gives {value.shape}, expected {want_shape} "
-                f"(K={num_tokens}, N={library_size}, D={token_dim})"
-            )
-            continue
-        _set(tree[collection], tree_path, jnp.asarray(value))
-    if problems:
-        raise ValueError(f"cannot import released PGN weights from {path}: " + "; ".join(problems))
-    return tree["params"], tree["batch_stats"]
 
 
 def count_pgn_params(params: dict) -> int:

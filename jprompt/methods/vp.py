@@ -88,6 +88,8 @@ def random_location(rng: jax.Array, image_size: int, prompt_size: int) -> jax.Ar
 
 @dataclasses.dataclass(frozen=True)
 class VisualPrompt(Method):
+    has_pictures = True
+
     prompt_size: int = 30
     prompter: str = "padding"
 
@@ -120,12 +122,12 @@ class VisualPrompt(Method):
         row, col = random_location(rng, self.backbone.image_size, self.prompt_size)
         return patch_prompt(prompter_params, self.backbone.image_size, row, col)
 
-    def visualize(self, trained, frozen, images, *, rng):
+    def visualize(self, trained, frozen, images, *, rng=None):
         """The prompted images the backbone sees, for pictures."""
         del frozen
         return {"prompted": images + self.prompt(trained["params"]["prompter"], rng)}
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         # The prompt does not depend on ``train`` (the random patch moves at evaluation too);
         # the backbone always runs in eval mode.
         del train, epoch

@@ -20,7 +20,7 @@ Prompt dropout (``dropout``) acts on the inserted tokens after the projection, o
 training, with an independent mask per example, per layer and per element, from ``rng``. The
 backbone itself always runs in eval mode (its own dropout off), as the official code does.
 
-Head: a linear classifier on the pre-logits (the CLS token after the final LayerNorm),
+Head: a linear classifier on the pooled features (the CLS token after the final LayerNorm),
 initialised as in the official code (``head_init="vpt"``: He-normal fan_out, bias -log(99)).
 
 Trainable ``{"prompter": {"tokens", ["proj"]}, "head": ...}``; frozen ``{"backbone": ...}``.
@@ -120,7 +120,7 @@ class VisualPromptTuning(Method):
             tokens = prompt_dropout(rng, tokens, self.dropout)
         return tokens
 
-    def apply(self, trained, frozen, images, *, rng, train, epoch=0):
+    def apply(self, trained, frozen, images, *, rng=None, train=False, epoch=0):
         del epoch
         params = trained["params"]
         tokens = self.prompts(params["prompter"], images.shape[0], rng=rng, train=train)

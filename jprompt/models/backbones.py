@@ -1,21 +1,15 @@
-"""Backbones by name: the module, its parameters, and the input space it expects.
-
-A ``Backbone`` pairs a Linen image module built without a classification head with the facts the
-rest of the system needs: the image size it runs at, the pixel normalization its checkpoints
-were trained with (which the input pipeline applies) and the width of its features. CLIP
-backbones also carry their text tower (``text``), from which a zero-shot head is computed once;
-only the image tower's parameters go to the training step.
+"""Backbones by name: ``build`` makes the ``jprompt.models.backbone.Backbone`` named in a config
+and its parameters, read from a checkpoint (vit_jax / big_vision ``.npz``, converted CLIP files)
+or drawn at random, with the pixel normalization those checkpoints were trained with.
 """
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
 from jprompt.models import clip, clip_checkpoint, vit, vit_checkpoint
+from jprompt.models.backbone import Backbone, TextEncoder
 
 NAMES = vit.NAMES + clip.NAMES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,49 +17,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # vit_jax and big_vision checkpoints expect pixels in [-1, 1]; CLIP its own mean/std scaling.
 VIT_NORMALIZATION = "minus_one_to_one"
 CLIP_NORMALIZATION = "clip"
-TEXT_BATCH_SIZE = 256
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TextEncoder:
-    """CLIP's text tower with its parameters and logit scale, for computing zero-shot heads."""
-
-    module: clip.TextTransformer
-    params: dict
-    logit_scale: float
-
-    def encode(self, token_ids: np.ndarray) -> np.ndarray:
-        """``(T, 77)`` token ids -> ``(T, E)`` text features, in batches."""
-        encode = jax.jit(lambda params, ids: self.module.apply({"params": params}, ids))
-        parts = [
-            np.asarray(encode(self.params, token_ids[i : i + TEXT_BATCH_SIZE]))
-            for i in range(0, len(token_ids), TEXT_BATCH_SIZE)
-        ]
-        return np.concatenate(parts, axis=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Backbone:
-    name: str
-    module: vit.VisionTransformer
-    image_size: int
-    normalization: str
-    text: TextEncoder | None = dataclasses.field(default=None, compare=False, repr=False)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.module.feature_dim
-
-    def features(self, params, images, *, rng=None, train=False, **prompts):
-        """Pooled pre-logits features ``(B, feature_dim)`` and the dict of intermediates.
-
-        ``prompts`` are passed to the module (``prompt_tokens=``, ``deep_prompts=``,
-        ``prompt_position=``, ``pixel_prompt=``). ``train`` switches the backbone's own dropout
-        on, for fine-tuning.
-        """
-        rngs = {"dropout": rng} if train and rng is not None else {}
-        _, out = self.module.apply({"params": params}, images, train=train, rngs=rngs, **prompts)
-        return out["pre_logits"], out
 
 
 def default_config(name: str, **overrides) -> ConfigDict:

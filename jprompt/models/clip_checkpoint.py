@@ -49,6 +49,7 @@ import safetensors
 from absl import logging
 from etils import epath
 
+from jprompt.errors import InputError, MissingFileError
 from jprompt.models import clip, torch_checkpoint, vit_checkpoint
 
 NAMINGS = ("openai", "hf", "jprompt")
@@ -188,7 +189,7 @@ def load(path, name: str, *, image_size: int) -> dict:
     """
     path = os.path.expanduser(path)
     if not epath.Path(path).exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no CLIP weights at {path}: download the released file once and convert it, e.g. "
             f"python -m jprompt.tools.convert_clip --input=ViT-B-32.pt --output={path} "
             f"(or set backbone.checkpoint to an existing file)"
@@ -226,8 +227,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     """The flat ``{key: array}`` stored at ``path`` (local or ``gs://``), chosen by suffix."""
     suffix = epath.Path(path).suffix
     if suffix == ".npz":
-        with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
-            return {key: np.asarray(data[key]) for key in data.files}
+        return vit_checkpoint.read_npz(path)
     if suffix == ".safetensors":
         return _read_safetensors(path)
     return _read_torch(path)
@@ -240,7 +240,7 @@ def _read_torch(path) -> dict[str, np.ndarray]:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # open_clip's training checkpoints
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return {
         str(key).removeprefix("module."): value  # DDP's wrapper
         for key, value in obj.items()
@@ -267,7 +267,7 @@ def _read_safetensors(path) -> dict[str, np.ndarray]:
     try:
         tensors = safetensors.deserialize(epath.Path(path).read_bytes())
     except safetensors.SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+        raise InputError(f"{path} is not a readable safetensors file: {error}") from None
     state = {}
     for key, tensor in tensors:
         dtype = _SAFETENSORS_DTYPES.get(tensor["dtype"])

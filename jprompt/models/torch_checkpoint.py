@@ -37,6 +37,8 @@ from collections.abc import Mapping
 import numpy as np
 from etils import epath
 
+from jprompt.errors import InputError
+
 # torch storage class name -> numpy dtype (little-endian); bfloat16 is decoded by hand.
 STORAGE_DTYPES: dict[str, str] = {
     "FloatStorage": "f4",
@@ -52,7 +54,7 @@ STORAGE_DTYPES: dict[str, str] = {
 }
 
 
-class TorchCheckpointError(ValueError):
+class TorchCheckpointError(InputError):
     """The file is not a PyTorch zip checkpoint this reader can load."""
 
 

@@ -181,10 +181,9 @@ class MultiHeadDotProductAttention(nn.Module):
     ``query/key/value`` kernels are (D, H, D/H) and ``out`` is (H, D/H, D), as in the published
     checkpoints. It computes what ``jax.nn.dot_product_attention`` computes (its XLA path; the
     softmax in float32), laid out heads-major: q, k and v come out of one fused projection as
-    (B, H, T, D/H), so both attention matmuls batch over contiguous (B, H) blocks. XLA:CPU ran
-    the (B, T, H, D/H) layout ``jax.nn.dot_product_attention`` takes slower in every A/B run
-    (its P @ V became a transposed batched matmul; README, "Training-step speed"). The explicit
-    weights also take the attention dropout.
+    (B, H, T, D/H), so both attention matmuls batch over contiguous (B, H) blocks; in the
+    (B, T, H, D/H) layout ``jax.nn.dot_product_attention`` takes, P @ V is a transposed batched
+    matmul. The explicit weights also take the attention dropout.
     ``causal`` lets each token attend only to itself and earlier tokens (CLIP's text tower).
     ``query_rows`` (static spans) computes the outputs of those rows alone: ``(B, rows, D)``.
 
@@ -212,7 +211,7 @@ class MultiHeadDotProductAttention(nn.Module):
             _ProjectionParams((width,), heads, name=name)() for name in ("query", "key", "value")
         ]
         # The 1/sqrt(D/H) logit scale is folded into the query projection: a scale of the
-        # (B, H, T, T) logits costs a pass over them (and XLA:CPU materialised its broadcast).
+        # (B, H, T, T) logits would cost a pass over them.
         scale = jnp.array([1 / math.sqrt(head_dim), 1, 1])[:, None, None]
         kernel = (jnp.stack([kernel for kernel, _ in projections], axis=1) * scale).astype(
             self.dtype
@@ -459,10 +458,10 @@ def _insert(x, prompts, start: int):
 class VisionTransformer(nn.Module):
     """ViT classifier, ``apply`` returning ``(logits, out)``.
 
-    ``out["pre_logits"]`` is the pooled, ``encoder_norm``-ed feature the head sees (after the
+    ``out["features"]`` is the pooled, ``encoder_norm``-ed feature the head sees (after the
     optional ``pre_logits`` Dense + tanh), ``out["encoded"]`` the full (B, seq, D) sequence after
     ``encoder_norm``, prompts included. With ``num_classes=0`` there is no head and the logits
-    are ``out["pre_logits"]``. Inputs: float (B, H, W, 3), pixels in [-1, 1] for the published
+    are ``out["features"]``. Inputs: float (B, H, W, 3), pixels in [-1, 1] for the published
     checkpoints; no normalization is applied here. ``dtype`` is the compute dtype; parameters
     are created float32 and may be passed in another storage dtype (cast where used).
     ``remat`` rematerialises each encoder block in the backward pass (see ``Encoder``), and
@@ -473,7 +472,7 @@ class VisionTransformer(nn.Module):
     The fields after ``head_bias_init`` make CLIP's image tower out of the same module
     (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
     quick_gelu, LayerNorm eps 1e-5, and a bias-free projection ``proj`` of the pooled token,
-    whose output is then ``out["pre_logits"]``.
+    whose output is then ``out["features"]``.
     """
 
     num_classes: int
@@ -499,7 +498,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """Width of ``out["pre_logits"]``, the features a head sees."""
+        """Width of ``out["features"]``, the features a head sees."""
         return self.projection_dim or self.representation_size or self.hidden_size
 
     @nn.compact
@@ -580,7 +579,7 @@ class VisionTransformer(nn.Module):
             pooled = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="proj")(
                 pooled
             )
-        out = {"pre_logits": pooled, "encoded": encoded}
+        out = {"features": pooled, "encoded": encoded}
 
         if not self.num_classes:
             return pooled, out

@@ -17,12 +17,16 @@ naming of the file is detected from its keys:
   depth axis on every array), which is split into per-layer blocks.
   Multihead attention pooling (``MAPHead_0``) has no counterpart here and is rejected.
 
-Keys prefixed with ``params/`` (whole train-state files) are reduced to the parameters.
+Keys prefixed with ``params/`` (whole train-state files) are reduced to the parameters. A file
+that is missing, unreachable (``gs://`` offline) or no ``.npz`` fails with an ``InputError`` that
+names it and says how to get a good one.
 """
 
 import collections
 import math
+import os
 import re
+import zipfile
 from collections.abc import Mapping
 
 import jax
@@ -32,9 +36,12 @@ import scipy.ndimage
 from absl import logging
 from etils import epath
 
+from jprompt.errors import InputError, MissingFileError
 from jprompt.models.vit import VisionTransformer
 
 _NUMBERED = re.compile(r"(.+)_(\d+)")
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy files
+NPZ = ".npz (the zip of named arrays numpy.savez writes)"
 
 
 def count_params(tree) -> int:
@@ -68,9 +75,60 @@ def unflatten(flat: Mapping[str, object]) -> dict:
 
 def load_npz(path) -> dict:
     """The parameter tree stored in the ``.npz`` at ``path``, in vit_jax Linen naming."""
-    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
-        flat = {key: np.asarray(data[key]) for key in data.files}
-    return convert(flat)
+    return convert(read_npz(_existing(path)))
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+    """The flat ``{key: array}`` of the ``.npz`` at ``path``; an InputError names the file when it
+    is no ``.npz`` (numpy's own errors suggest unpickling it, which no checkpoint needs)."""
+    flat = None
+    try:
+        with epath.Path(path).open("rb") as f:
+            if f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC:
+                f.seek(0)
+                with np.load(f, allow_pickle=False) as data:
+                    flat = {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise InputError(f"cannot read {path} as a {NPZ}: {error}") from None
+    if flat is None:
+        raise InputError(f"{path} is not a {NPZ}: it is another format or a truncated download")
+    not_arrays = sorted(key for key, value in flat.items() if not isinstance(value, np.ndarray))
+    if not_arrays:  # numpy returns a zip entry that is no .npy as raw bytes
+        raise InputError(
+            f"{path} is a zip archive but not a {NPZ}: its entries {not_arrays[:3]} are no arrays"
+        )
+    return flat
+
+
+def _existing(path) -> str:
+    """``path`` with ``~`` expanded, once it is known to exist; a MissingFileError says how to get
+    it otherwise."""
+    path = os.path.expanduser(os.fspath(path))
+    try:
+        exists = epath.Path(path).exists()
+    except Exception as error:  # gs:// offline: each storage backend raises its own error types
+        reason = " ".join(str(error).splitlines()[:1])
+        raise MissingFileError(
+            f"cannot reach the ViT checkpoint {path} ({type(error).__name__}: {reason}): "
+            + _how_to_fetch(path)
+        ) from None
+    if not exists:
+        raise MissingFileError(
+            f"there is no ViT checkpoint {path}: set --config.backbone.checkpoint to an existing "
+            f"{NPZ} in vit_jax or big_vision naming"
+        )
+    return path
+
+
+def _how_to_fetch(path: str) -> str:
+    if not path.startswith("gs://"):
+        return "set --config.backbone.checkpoint to a readable copy"
+    local = f"~/jprompt_models/{path.rsplit('/', 1)[-1]}"
+    url = "https://storage.googleapis.com/" + path.removeprefix("gs://")
+    return (
+        f"fetch it once with gsutil cp {path} {local} (or download {url}) and set "
+        f"--config.backbone.checkpoint={local}"
+    )
 
 
 def save_npz(path, params: Mapping) -> None:

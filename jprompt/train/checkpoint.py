@@ -4,19 +4,25 @@ Two managers under the work directory:
   ``checkpoints/``  the latest states (two kept, so a damaged newest one leaves an older one),
                     written every epoch and at the end; a rerun resumes from the newest.
   ``best/``         the state with the best validation accuracy so far, with its metrics.
-Each save stores the run's config as JSON next to the state. Orbax commits a step atomically
+Each save stores the run's config as JSON next to the state, a record of the config that state
+was trained with (a rerun is checked against the workdir's ``config.json``: jprompt.train.workdir).
+Orbax commits a step atomically
 (written to ``<step>.orbax-checkpoint-tmp-*``, then renamed to ``<step>``), so a killed job never
 leaves a half-written checkpoint that looks complete; the next run deletes such leftovers. In a
 multi-process job every process calls every method here: saving and restoring are collective.
 """
 
-import json
+import functools
+import logging as logging_std
+import sys
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from jprompt.errors import InputError
 from jprompt.train import distributed
 
 STATE = "state"
@@ -78,23 +84,24 @@ class Checkpoints:
         )
         return restored[STATE]
 
-    def resume(self, abstract_state) -> tuple[dict, dict]:
-        """``(state, saved config)`` of the newest kept checkpoint that can be restored.
+    def resume(self, abstract_state):
+        """The newest kept checkpoint's state that can be restored, laid out like
+        ``abstract_state``.
 
         The atomic commit proves a checkpoint was complete when written, not that its files
         still are (a failing disk, an interrupted copy, a hand edit). So a checkpoint that fails
-        to restore is logged with its step and error, and the previous kept one is tried; once
-        one restores, the failed newer ones are deleted, so the run retrains those steps and
-        writes them again (with the same values: training is a function of the step). If none
-        restores, a RuntimeError caused by the newest one's error is raised and nothing is
-        deleted: the cause is then more likely the config (a different model) than the files.
-        All processes agree on each outcome, so none resumes from a step another could not read.
+        to restore is logged as damaged, and the previous kept one is tried; once one restores,
+        the failed newer ones are deleted, so the run retrains those steps and writes them again
+        (with the same values: training is a function of the step). If none restores, an
+        ``InputError`` naming the newest one's error is raised and nothing is deleted. All
+        processes agree on each outcome, so none resumes from a step another could not read.
         """
         steps = sorted(self._latest.all_steps(), reverse=True)
+        _quiet_abandoned_reads()
         errors = {}
-        for step in steps:
+        for index, step in enumerate(steps):
             try:
-                restored, error = self._restore_with_config(step, abstract_state), None
+                restored, error = self.restore_latest(abstract_state, step), None
             except Exception as e:  # whatever the failure, the files are the suspect
                 restored, error = None, e
             if not distributed.any_process(error is not None):
@@ -102,26 +109,23 @@ class Checkpoints:
                     self._latest.delete(bad_step)
                 return restored
             errors[step] = error or RuntimeError("another process could not restore it")
+            fallback = (
+                f"falling back to the previous one, step {steps[index + 1]}"
+                if index + 1 < len(steps)
+                else "no older one is left"
+            )
             logging.warning(
-                "Could not restore the checkpoint at step %d in %s (%r)%s",
+                "The checkpoint at step %d in %s is damaged (%s); %s",
                 step,
                 self._latest.directory,
-                errors[step],
-                "" if step == steps[-1] else "; falling back to the previous one",
+                _short(errors[step]),
+                fallback,
             )
-        raise RuntimeError(
-            f"none of the checkpoints in {self._latest.directory} (steps {steps}) could be "
-            "restored; if the config changed the model, use a new workdir"
-        ) from errors[steps[0]]
-
-    def _restore_with_config(self, step: int, abstract_state) -> tuple[dict, dict]:
-        restored = self._latest.restore(
-            step,
-            args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract_state), CONFIG: ocp.args.JsonRestore()}
-            ),
+        raise InputError(
+            f"none of the checkpoints in {self._latest.directory} (steps {steps}) can be restored "
+            f"(step {steps[0]}: {_short(errors[steps[0]])}): their files are damaged, or "
+            "resume_with_changes changed the shapes of the trained state; start a fresh --workdir"
         )
-        return restored[STATE], json.loads(restored[CONFIG])
 
     def best_metrics(self) -> tuple[int, dict] | None:
         """``(step, validation metrics)`` of the best checkpoint, or None before the first."""
@@ -148,6 +152,52 @@ class Checkpoints:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+
+
+def _short(error: Exception) -> str:
+    """An error in a line: tensorstore's messages append the whole read spec as JSON, and nest
+    ``CODE: context: ...: cause``, of which the code and the cause are kept."""
+    text = str(error).split(" [tensorstore_spec")[0]
+    if len(text) <= 200:
+        return text
+    return f"{text[:40].split(': ')[0]}: ...{text[-150:]}"
+
+
+@functools.cache  # once per process
+def _quiet_abandoned_reads() -> None:
+    """Keep out of stderr the asyncio noise that follows a failed restore, and only that.
+
+    Orbax restores every array concurrently on an event loop of its own and closes that loop as
+    soon as one read fails. The other reads are abandoned, harmless, and still complete later, at
+    any time: tensorstore's completion callback, finding the loop closed, raises "Event loop is
+    closed" into ``sys.unraisablehook`` (a traceback per read); their failed futures, collected
+    unread, are logged by asyncio as "Future (or Task) exception was never retrieved"; and a
+    coroutine of orbax's metadata store that never started warns that it was never awaited.
+    Each of these three is dropped from the first resume on; everything else passes as before.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging_std.getLogger("asyncio").addFilter(_unread_tensorstore_failure)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"coroutine 'Store\._get_array_metadatas' was never awaited",
+        category=RuntimeWarning,
+    )
+
+
+def _unread_tensorstore_failure(record) -> bool:
+    """False (drop) for asyncio's report of a failed tensorstore read that nobody awaited."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+        str(record.msg).partition("\n")[0].endswith("exception was never retrieved")
+        and "tensorstore_spec" in str(error)
+    )
 
 
 def _options(name: str, max_to_keep: int) -> ocp.CheckpointManagerOptions:

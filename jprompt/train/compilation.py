@@ -1,17 +1,15 @@
 """XLA compiler options for jprompt's jitted steps (``jax.jit(..., compiler_options=...)``).
 
-On CPU, two options, each measured A/B in one process (``benchmarks/step_speed.py``; README,
-"Training-step speed"):
+On CPU, two options, each kept because an A/B run of ``benchmarks/step_speed.py`` in one
+process showed it helps (benchmarks/README.md):
 
 - the memory-optimized scheduler. XLA's default one orders the ops of a step for concurrency:
   independent matmuls run side by side, and their operands and results stay alive together.
-  The memory-optimized one frees activations early. On ViT-B/16 VPT-deep at batch 128
-  (``compiled.memory_analysis()``) the plain step needs 21,451 instead of 36,979 MiB, and the
-  rematerialised one (``backbone.remat``) 4,805 instead of 19,686 MiB: the default schedule
-  recomputed every block's activations before using any, which defeated remat;
+  The memory-optimized one frees activations early, so a step needs much less memory; under the
+  default schedule a rematerialised step (``backbone.remat``) recomputed every block's
+  activations before using any, which defeated remat;
 - YNNPACK fusions for reductions only. By default XLA:CPU also hands every single matmul to
-  YNNPACK; its own matmuls ran the whole float32 step 5-11% faster (ViT-Ti/16 and ViT-B/16,
-  VP and VPT-deep, batch 16), bfloat16 steps alike. The option is experimental, so it is
+  YNNPACK; XLA's own matmuls run the float32 step faster. The option is experimental, so it is
   passed only where the installed jaxlib accepts it.
 
 Other platforms keep XLA's defaults.

@@ -3,10 +3,13 @@
 A config file is chosen as ``--config=configs/vp.py:backbone=vit_s16,dataset=cifar10,demo``: the
 text after ``:`` is a comma-separated list of ``key=value`` pairs and bare flags, parsed here
 against the defaults the config file declares. Single fields are overridden afterwards with
-``--config.optim.lr=0.1``; the configs are locked, so a misspelt field fails.
+``--config.optim.lr=0.1``; the configs are locked, so a misspelt field fails. ``validate`` checks
+the values before any work starts. Bad input fails with an ``InputError``: one line naming the
+problem and the fix.
 """
 
 import ast
+import difflib
 import importlib.resources
 import importlib.util
 import pathlib
@@ -14,9 +17,10 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
-from jprompt.data import presets, synthetic
+from jprompt.data import presets
+from jprompt.errors import InputError, MissingFileError
 from jprompt.models import backbones
-from jprompt.train import protocols
+from jprompt.train import optim, protocols
 
 # Published checkpoints: the ImageNet-21k runs of "How to train your ViT?" (Steiner et al. 2021)
 # that its authors recommend for transfer (also big_vision's "howto-i21k" list). Point
@@ -44,12 +48,15 @@ CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in RELEAS
 
 # The offline demos: tiny backbones pretrained on the procedural ``shapes`` task (shipped with
 # the package, made by ``python -m jprompt.tools.pretrain_demo``) adapted to the ``colors`` task,
-# which their colour-invariant shape features do not solve on their own. ``backbone=clip_*`` with
-# ``demo`` selects the tiny CLIP, any other backbone the tiny ViT.
+# which their colour-invariant shape features do not solve on their own. ``demo`` fixes the
+# backbone (``backbone=clip_*`` selects the tiny CLIP, ``vit_*`` the tiny ViT), the dataset (a
+# ``DEMO_DATASETS`` task: ``colors`` unless ``dataset=`` names another), 32px images, and each
+# config file's short demo recipe.
 DEMO_BACKBONE = "vit_tiny4"
 DEMO_CLIP_BACKBONE = "clip_tiny4"
 DEMO_IMAGE_SIZE = 32
 DEMO_DATASET = "jprompt_shapes/colors"
+DEMO_DATASETS = tuple(name for name, preset in presets.PRESETS.items() if preset.group == "demo")
 _ASSETS = importlib.resources.files("jprompt") / "assets"
 DEMO_CHECKPOINTS = {
     DEMO_BACKBONE: str(_ASSETS / "vit_tiny4_shapes.npz"),
@@ -71,22 +78,44 @@ def demo_pixel_prompt(backbone: str) -> tuple[int, float]:
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
     """Parse ``"key=value,flag"`` against ``defaults``, converting values to the default's type.
 
-    A bare ``flag`` sets a boolean default to True. Unknown keys fail listing the valid ones.
+    A bare ``flag`` sets a boolean default to True. Unknown keys fail listing the valid ones, and
+    so does an unknown ``backbone``. With ``demo`` set, ``backbone`` becomes the tiny backbone of
+    its family and ``dataset``, unless given, ``DEMO_DATASET`` (``base_config`` rejects a dataset
+    the demo cannot use).
     """
     args = dict(defaults)
+    given = set()
     for item in filter(None, (arg or "").split(",")):
         key, has_value, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise ValueError(f"unknown config arg {key!r}; valid args: {sorted(defaults)}")
-        default = defaults[key]
-        if isinstance(default, bool):
-            args[key] = _parse_bool(key, value) if has_value else True
-        elif not has_value:
-            raise ValueError(f"config arg {key!r} needs a value: {key}=...")
-        else:
-            args[key] = type(default)(value) if default is not None else value
+            raise InputError(f"unknown config arg {key!r}; valid args: {sorted(defaults)}")
+        if not has_value and not isinstance(defaults[key], bool):
+            raise InputError(f"config arg {key!r} needs a value: {key}=...")
+        args[key] = _from_text(f"config arg {key!r}", defaults[key], value) if has_value else True
+        given.add(key)
+    if "backbone" in args:
+        check_backbone(args["backbone"])
+    if args.get("demo"):
+        args["backbone"] = DEMO_CLIP_BACKBONE if is_clip(args["backbone"]) else DEMO_BACKBONE
+        if "dataset" not in given:
+            args["dataset"] = DEMO_DATASET
     return ConfigDict(args)
+
+
+def check_backbone(name: str) -> None:
+    if name not in backbones.NAMES:
+        raise InputError(f"unknown backbone {name!r}; valid choices: {list(backbones.NAMES)}")
+
+
+def check_demo_dataset(name: str) -> None:
+    """``demo`` trains on an offline task only: any other dataset fails saying what to do."""
+    if name not in DEMO_DATASETS:
+        raise InputError(
+            f"demo trains a shipped tiny backbone at {DEMO_IMAGE_SIZE}px on an offline "
+            f"jprompt_shapes task, not on dataset={name!r}: choose one of {list(DEMO_DATASETS)}, "
+            f"or drop demo to train on {name} (its download and a full-size backbone)"
+        )
 
 
 def with_args(arg: str | None, **items) -> str:
@@ -111,19 +140,42 @@ def prompt_size_sweep(add, arg=None, name="prompt_size"):
         raise ValueError(f"unknown sweep {name!r}; valid choices: ['prompt_size', 'seeds']")
 
 
-def _parse_bool(key: str, value: str) -> bool:
-    lowered = value.lower()
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number", tuple: "a tuple literal"}
+
+
+def _from_text(what: str, current, text: str):
+    """Command-line ``text`` as the type of ``current`` (text for text); ``what`` names it."""
+    try:
+        if isinstance(current, bool):
+            return _parse_bool(text)
+        if isinstance(current, (int, float)):
+            return type(current)(text)
+        if isinstance(current, tuple):
+            return tuple(ast.literal_eval(text))
+    except (ValueError, TypeError, SyntaxError):
+        raise InputError(f"{what} expects {_EXPECTED[type(current)]}, got {text!r}") from None
+    return text
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
     if lowered in ("1", "true", "yes"):
         return True
     if lowered in ("0", "false", "no"):
         return False
-    raise ValueError(f"config arg {key!r} expects true/false, got {value!r}")
+    raise ValueError(text)
 
 
 def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
+    if demo:
+        check_demo_dataset(dataset)
+        if backbone not in DEMO_CHECKPOINTS:
+            raise InputError(f"demo runs the backbones {list(DEMO_CHECKPOINTS)}, not {backbone!r}")
     config = ConfigDict()
     config.seed = 0
+    # Continue an unfinished workdir whose saved config differs, on purpose (jprompt.train.workdir).
+    config.resume_with_changes = False
     # The paper protocol this run follows (jprompt.train.protocols; "" = none), set by the config
     # files for their paper's benchmarks with apply_protocol.
     config.protocol = ""
@@ -137,8 +189,11 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             train_split=preset.train,
             val_split=preset.val,  # model selection; never the test split
             test_split=preset.test,  # evaluated once, with the selected state
-            label_map=preset.label_map,  # a presets.EXAMPLE_MAPS key; "" = the label feature
+            label_map=preset.label_map,  # a label_maps.EXAMPLE_MAPS key; "" = the label feature
             num_classes=preset.num_classes,  # 0 = the builder's label feature decides
+            # A mixture's (dataset=mix/...) training order: proportional | uniform
+            # (jprompt.data.mixture_name.SAMPLINGS); a single dataset ignores it.
+            sampling="proportional",
         )
     )
     # Also report the accuracy of the state that is best on the test split, labelled as such:
@@ -178,7 +233,7 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             # zeroshot: () = the dataset's own class names (the preset's, where it has them)
             class_names=preset.class_names if isinstance(preset.class_names, tuple) else (),
             templates=preset.templates,  # zeroshot
-            name_rule="vp",  # zeroshot: how class names are cleaned (zeroshot.NAME_RULES)
+            name_rule="vp",  # zeroshot: how class names are cleaned (heads.NAME_RULES)
         )
     )
     config.optim = ConfigDict(
@@ -211,13 +266,8 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
 
 
 def config_for_args(args: ConfigDict) -> ConfigDict:
-    """``base_config`` for parsed ``backbone``/``dataset``/``demo`` (and optional ``head``) args;
-    ``demo`` swaps in the tiny backbone (CLIP for a CLIP ``backbone=``, else ViT) and the offline
-    demo's dataset, unless ``dataset=`` names another offline ``jprompt_shapes`` task."""
-    if args.demo:
-        args.backbone = DEMO_CLIP_BACKBONE if is_clip(args.backbone) else DEMO_BACKBONE
-        if not args.dataset.startswith(f"{synthetic.JpromptShapes.name}/"):
-            args.dataset = DEMO_DATASET
+    """``base_config`` for parsed ``backbone``/``dataset``/``demo`` (and optional ``head``) args
+    (``parse_arg`` has resolved what ``demo`` fixes)."""
     config = base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
     if args.get("head"):
         config.head.name = args.head
@@ -254,7 +304,11 @@ def load_module(config_file: str):
     """The config file ``config_file`` as a module (``get_config``, and ``sweep`` if any)."""
     path = pathlib.Path(config_file)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {config_file!r} does not exist")
+        there = sorted(str(p) for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
+        raise MissingFileError(
+            f"config file {config_file!r} does not exist; "
+            + (f"config files there: {there}" if there else "e.g. --config=configs/vp.py:demo")
+        )
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -276,25 +330,39 @@ def load(spec: str, overrides: Mapping[str, object] | None = None) -> ConfigDict
 
 
 def set_field(config: ConfigDict, dotted: str, value) -> None:
-    """``config.<dotted> = value``; a text value is converted to the field's type."""
-    *parents, leaf = dotted.split(".")
+    """``config.<dotted> = value``; a text value is converted to the field's type. A field that
+    does not exist fails naming the closest one."""
+    parts = dotted.split(".")
     node = config
-    for part in parents:
-        node = getattr(node, part)
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if not isinstance(node, ConfigDict):
+            raise InputError(f"unknown config field {dotted!r}: {where!r} is a value, not a group")
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node), n=1)
+            meant = ".".join([*parts[:depth], *close, *parts[depth + 1 :]])
+            hint = f"did you mean {meant!r}?" if close else f"fields there: {sorted(node)}"
+            raise InputError(f"unknown config field {dotted!r}; {hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
     if isinstance(value, str):
-        value = _parse_text(dotted, getattr(node, leaf), value)
-    setattr(node, leaf, value)  # a locked config rejects an unknown field
+        value = _from_text(f"config field {dotted!r}", node[parts[-1]], value)
+    node[parts[-1]] = value
 
 
-def _parse_text(field: str, current, text: str):
-    """A command-line value as the type of the field it replaces."""
-    if isinstance(current, bool):
-        return _parse_bool(field, text)
-    if isinstance(current, (int, float)):
-        return type(current)(text)
-    if isinstance(current, tuple):
-        return tuple(ast.literal_eval(text))
-    return text
+def validate(config: ConfigDict) -> None:
+    """One line naming the field and the fix for a value no run can use, before any work starts
+    (``python -m jprompt.main`` and the trainer call it)."""
+    check_backbone(config.backbone.name)
+    if config.num_epochs < 0:
+        raise InputError(
+            f"num_epochs={config.num_epochs} is negative; set --config.num_epochs to 0 "
+            "(evaluate only) or more"
+        )
+    for field in ("batch_size", "eval_batch_size", "log_every_steps"):
+        if config[field] < 1:
+            raise InputError(f"{field}={config[field]} is not positive; set --config.{field} >= 1")
+    optim.validate(config.optim)
 
 
 def lock(config: ConfigDict) -> ConfigDict:

@@ -2,13 +2,11 @@
 
 XLA:CPU allocates a step's buffers with ``malloc`` and frees them when the step ends. glibc
 hands large blocks straight back to the operating system (``mmap``/``munmap``, and trimming
-the heap), so every step faults its working memory back in page by page: about 154,000 page
-faults per ViT-Ti/16 VPT-deep step at batch 16 and 610,000 per ViT-B/16 one, 4 to 8 seconds
-of kernel time per ViT-B/16 step on 2 cores. With the settings below a typical step takes
-no page fault once the heap has grown to the step's peak (over the first few steps), and the
-step was 10-20% faster (README, "Training-step speed").
-The process then keeps its peak host memory until it exits, as accelerator allocators keep
-device memory.
+the heap), so every step faults its working memory back in page by page, and on a ViT-B/16
+step that kernel time is a large share of the step. With the settings below a typical step
+takes no page fault once the heap has grown to the step's peak (over the first few steps);
+benchmarks/README.md has the measurements. The process then keeps its peak host memory until
+it exits, as accelerator allocators keep device memory.
 
 The settings are glibc's (``mallopt``): one malloc arena, so that XLA's worker threads
 allocate from the heap too (other arenas fall back to ``mmap`` for large blocks); no ``mmap``

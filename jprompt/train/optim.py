@@ -3,9 +3,11 @@
 Only the method's trainable parameters ever reach the optimizer; the frozen backbone has no
 optimizer state at all. Learning rates can differ by parameter group: ``lr_by_path`` is a tuple of
 ``(regex, lr)`` pairs matched against "/"-joined parameter paths (first match wins, the rest use
-``lr``), e.g. AdaViPro's ``(("prompter/mask_generator/.*", 1.0),)`` with ``lr=40``.
+``lr``), e.g. AdaViPro's ``(("prompter/mask_generator/.*", 1.0),)`` with ``lr=40``. ``validate``
+rejects a config no run can use (an unknown choice, a learning rate that is nan or negative).
 """
 
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -13,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
+
+from jprompt.errors import InputError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -98,17 +102,57 @@ def _decay_mask(params):
 
 
 def _base_optimizer(config: ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-    if config.name == "sgd":
-        # Coupled L2 (added to the gradient before momentum), as in the VPT/VP PyTorch code.
-        return optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
-            optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov),
-        )
     if config.name == "adamw":
         return optax.adamw(
             lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=_decay_mask
         )
-    raise ValueError(f"unknown optimizer {config.name!r}; valid choices: {OPTIMIZERS}")
+    # sgd: coupled L2 (added to the gradient before momentum), as in the VPT/VP PyTorch code.
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+        optax.sgd(lr, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+
+
+def validate(config: ConfigDict) -> None:
+    """An InputError naming the field and the fix where ``config`` (``config.optim``) cannot
+    train: an unknown choice, a learning rate that is not a finite number >= 0, a bad regex."""
+    choices = {
+        "name": OPTIMIZERS,
+        "schedule": SCHEDULES,
+        "schedule_unit": SCHEDULE_UNITS,
+        "warmup_rule": WARMUP_RULES,
+    }
+    for field, valid in choices.items():
+        if config[field] not in valid:
+            raise InputError(f"unknown optim.{field} {config[field]!r}; valid choices: {valid}")
+    if not _is_lr(config.lr):
+        raise InputError(
+            f"optim.lr={config.lr!r} is not a learning rate; set --config.optim.lr to a finite "
+            "number >= 0"
+        )
+    for entry in config.lr_by_path:
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise InputError(
+                f"optim.lr_by_path holds {entry!r}, not a (regex, lr) pair; write pairs in a "
+                "tuple, e.g. (('head/.*', 0.1),)"
+            )
+        pattern, lr = entry
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise InputError(f"optim.lr_by_path: {pattern!r} is no regex ({error})") from None
+        if not _is_lr(lr):
+            raise InputError(
+                f"optim.lr_by_path gives {pattern!r} lr={lr!r}, not a learning rate; each must "
+                "be a finite number >= 0"
+            )
+    for field in ("warmup_steps", "warmup_epochs"):
+        if config[field] < 0:
+            raise InputError(f"optim.{field}={config[field]} is negative; set it to 0 or more")
+
+
+def _is_lr(lr) -> bool:
+    return isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0
 
 
 def build(
@@ -120,10 +164,7 @@ def build(
     grad_clip_norm, schedule, warmup_steps, warmup_epochs (added to warmup_steps),
     warmup_rule, end_lr_factor, schedule_unit.
     """
-    if config.schedule_unit not in SCHEDULE_UNITS:
-        raise ValueError(
-            f"unknown schedule_unit {config.schedule_unit!r}; valid choices: {SCHEDULE_UNITS}"
-        )
+    validate(config)
     labels, lrs = group_labels(params, config.lr_by_path, config.lr)
     schedules = {
         label: warmup_cosine(

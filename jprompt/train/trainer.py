@@ -7,8 +7,9 @@ only the method's trainable tree. Progress, metrics (TensorBoard + log lines) an
 checkpoints go to ``workdir``; running again with the same ``workdir`` resumes from the newest
 checkpoint, and because data order, randomness and the schedule are functions of the step, a
 resumed run ends exactly where an uninterrupted one would, however the previous one ended:
-``max_steps``, SIGTERM (a checkpoint is written first) or SIGKILL (the work since the last
-checkpoint is redone).
+``max_steps``, SIGTERM or Ctrl-C (a checkpoint is written first) or SIGKILL (the work since the
+last checkpoint is redone). A workdir holds one experiment: a rerun with another config stops
+before any work (``jprompt.train.workdir``).
 
 A linear probe with ``cache_features`` computes each image's backbone features once and trains
 its head on them (``jprompt.train.feature_cache``); the loop, checkpoints and selection are the
@@ -20,22 +21,21 @@ share of the data; only process 0 writes logs, pictures and results.
 
 import dataclasses
 import functools
+import itertools
 import json
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 from absl import logging
-from clu import metric_writers, periodic_actions
-from etils import epath
 from ml_collections import ConfigDict
 
 from jprompt import methods
-from jprompt.data import mixture, pipeline, presets
+from jprompt.data import mixture, mixture_name, pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
-from jprompt.methods import zeroshot
+from jprompt.methods import heads
 from jprompt.methods.base import Method
 from jprompt.models import backbones
 from jprompt.train import (
@@ -43,8 +43,10 @@ from jprompt.train import (
     compilation,
     config_lib,
     distributed,
+    events,
     feature_cache,
     optim,
+    progress,
     protocols,
     sharding,
     visualize,
@@ -52,8 +54,11 @@ from jprompt.train import (
 from jprompt.train.evaluate import evaluate, make_eval_step
 from jprompt.train.metrics import NO_STEP
 from jprompt.train.step import make_train_step
+from jprompt.train.workdir import check_config, ensure_writable, save_config, write_json
 
 RESULTS_FILE = "results.json"
+# Added to the results a rerun of a finished workdir returns: they are its stored ones.
+STORED = "stored"
 # config.report_test_selected: {step: test accuracy} after every epoch.
 TEST_EACH_EPOCH_FILE = "test_each_epoch.json"
 
@@ -97,8 +102,8 @@ class Experiment:
                 steps_per_epoch=None if drop_last else self.steps_per_epoch,
             )
         read = _data_module(data.name).train_iterator
-        if mixture.is_mixture(data.name):
-            read = functools.partial(read, sampling=data.get("sampling", mixture.SAMPLINGS[0]))
+        if mixture_name.is_mixture(data.name):
+            read = functools.partial(read, sampling=data.sampling)
         return read(
             data.name,
             data.train_split,
@@ -147,12 +152,15 @@ class Experiment:
             skip_undecodable=self.config.input.skip_undecodable,
         )
 
-    def evaluate(self, trained, split: str) -> dict[str, float]:
+    def evaluate(
+        self, trained, split: str, batches: Iterable[dict] | None = None
+    ) -> dict[str, float]:
+        """Metrics of ``trained`` on ``split``; ``batches``: that split's, already opened."""
         return evaluate(
             self.eval_step,
             trained,
             self.frozen,
-            self.eval_batches(split),
+            self.eval_batches(split) if batches is None else batches,
             mesh=self.mesh,
             rng=self.eval_rng,
         )
@@ -200,7 +208,7 @@ class Experiment:
 def _data_module(name: str):
     """What reads dataset ``name``: ``mixture`` for a ``mix/...`` name, else ``pipeline``
     (the same functions)."""
-    return mixture if mixture.is_mixture(name) else pipeline
+    return mixture if mixture_name.is_mixture(name) else pipeline
 
 
 def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | None = None):
@@ -262,7 +270,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         zeroshot=build_zeroshot_head(config, backbone, train_info.class_names),
         **method_options,
     )
-    cache = isinstance(method, methods.LinearProbe) and method.cache_features
+    cache = method.caches_features
     trained, frozen = method.init(init_rng, backbone_params)
     tx, schedules = optim.build(
         config.optim, trained["params"], total_steps=total_steps, steps_per_epoch=steps_per_epoch
@@ -340,41 +348,13 @@ def build_zeroshot_head(config: ConfigDict, backbone, class_names):
     if config.head.name == "linear":
         return None
     preset = presets.get(config.dataset.preset)
-    return zeroshot.build_head(
+    return heads.build_zeroshot_head(
         backbone.text,
         config.head.class_names or preset.clean_class_names(class_names),
-        config.head.templates or zeroshot.templates_for(config.dataset.name),
+        config.head.templates or preset.templates,
         backbone_name=backbone.name,
         name_rule=config.head.name_rule,
     )
-
-
-def ensure_writable(workdir: str | epath.Path) -> epath.Path:
-    """Create ``workdir`` and prove it can be written, before any expensive work starts.
-
-    Each process probes with its own file: processes of one job share the directory.
-    """
-    workdir = epath.Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test_{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise PermissionError(f"work directory {workdir} is not writable: {error}") from error
-    return workdir
-
-
-def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    diffs = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return diffs
 
 
 def _check_finite(values: dict[str, float], checkpoints: checkpoint.Checkpoints) -> None:
@@ -403,40 +383,53 @@ def _check_finite(values: dict[str, float], checkpoints: checkpoint.Checkpoints)
     raise FloatingPointError(f"{problem}. Training stopped; {kept}.")
 
 
-class _Preemption:
-    """SIGTERM, which TPU/GPU schedulers send before taking machines back, as a request to stop
-    after the current step with a checkpoint, rather than to die losing the work since the last.
+class _StopSignals:
+    """SIGTERM, which TPU/GPU schedulers send before taking machines back, and SIGINT (Ctrl-C) as
+    requests to stop after the current step with a checkpoint, rather than to die losing the
+    work since the last one. After a SIGINT the run then raises KeyboardInterrupt, as Ctrl-C
+    would have; a second Ctrl-C interrupts at once.
 
-    The handler is installed on entry and the previous one restored on exit. Python runs signal
-    handlers only in the main thread, so elsewhere (a notebook's worker thread) nothing is
-    installed and SIGTERM keeps its previous meaning.
+    The handlers are installed on entry and the previous ones restored on exit. Python runs
+    signal handlers only in the main thread, so elsewhere (a notebook's worker thread) nothing is
+    installed and both signals keep their previous meaning.
     """
 
     def __init__(self):
+        self.interrupted = False  # a SIGINT was received
         self._received = False
-        self._previous = None
-        self._installed = False
+        self._previous = {}
 
     def __enter__(self):
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {
+                number: signal.signal(number, self._handle)
+                for number in (signal.SIGTERM, signal.SIGINT)
+            }
         return self
 
     def __exit__(self, *exc_info):
-        if self._installed:
+        for number, previous in self._previous.items():
             # None: the previous handler was not installed from Python; the default is the
             # closest Python can restore.
-            previous = signal.SIG_DFL if self._previous is None else self._previous
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(number, signal.SIG_DFL if previous is None else previous)
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
         self._received = True  # only a flag: the loop acts on it between steps
 
     def requested(self) -> bool:
-        """Whether any process received SIGTERM; a collective, so all stop at the same step."""
+        """Whether any process received a signal; a collective, so all stop at the same step."""
         return distributed.any_process(self._received)
+
+    @property
+    def name(self) -> str:
+        if self.interrupted:
+            return "Ctrl-C"
+        return "SIGTERM" if self._received else "a signal to another process"
 
 
 def train_and_evaluate(
@@ -450,56 +443,76 @@ def train_and_evaluate(
 
     Validation runs after every epoch and the best-validation state is kept; at the end the test
     split is evaluated with that state and everything is written to ``workdir/results.json``.
-    ``max_steps`` stops this call after that many steps (with a checkpoint), and so does
-    SIGTERM after the current step: both return ``{"stopped_at_step", "total_steps",
-    "preempted"}`` and the next call resumes. ``devices`` restricts the mesh (default: all
-    devices).
+    ``max_steps`` stops this call after that many steps (with a checkpoint), and so do SIGTERM
+    and Ctrl-C (SIGINT) after the current step: these return ``{"stopped_at_step",
+    "total_steps", "preempted"}`` (Ctrl-C raises KeyboardInterrupt instead) and the next call
+    resumes. ``devices`` restricts the mesh (default: all devices).
+
+    ``workdir`` keeps the config of its run (``jprompt.train.workdir``): rerunning it with another
+    config fails before any work, naming the differences. Rerunning a finished one returns its
+    stored results, with ``STORED`` set: nothing is trained or evaluated again.
     """
+    config_lib.validate(config)
     workdir = ensure_writable(workdir)
-    is_main = jax.process_index() == 0
-    experiment = create_experiment(config, devices=devices)
     config_json = config_lib.to_json(config)
-    checkpoints = checkpoint.Checkpoints(workdir)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-    try:
-        with _Preemption() as preemption:
-            return _run(
-                experiment,
+    results_path = workdir / RESULTS_FILE
+    finished = results_path.exists()  # written last, once a run is complete
+    changes = check_config(
+        workdir,
+        config_json,
+        finished=finished,
+        resume_with_changes=config.resume_with_changes,
+    )
+    if finished:
+        logging.info(
+            "%s holds the finished run of this config: these are its stored results (%s), "
+            "nothing was trained or evaluated now",
+            workdir,
+            results_path,
+        )
+        return json.loads(results_path.read_text()) | {STORED: True}
+    is_main = jax.process_index() == 0
+    with progress.quiet_library_info():
+        experiment = create_experiment(config, devices=devices)
+        checkpoints = checkpoint.Checkpoints(workdir)
+        if is_main:
+            kept = save_config(
                 workdir,
-                checkpoints,
-                writer,
                 config_json,
-                max_steps,
-                is_main,
-                preemption,
+                replaced_at_step=(checkpoints.latest_step() or 0) if changes else None,
             )
-    finally:
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
+            if changes:
+                logging.warning(
+                    "Continuing %s with a changed config on purpose (resume_with_changes; the "
+                    "replaced one is kept as %s): %s",
+                    workdir,
+                    kept,
+                    "; ".join(changes),
+                )
+        writer = events.Writer(workdir, enabled=is_main)
+        try:
+            with _StopSignals() as stop:
+                return _run(
+                    experiment, workdir, checkpoints, writer, config_json, max_steps, is_main, stop
+                )
+        finally:
+            checkpoints.wait()
+            checkpoints.close()
+            writer.close()
 
 
-def _run(
-    experiment, workdir, checkpoints, writer, config_json, max_steps, is_main, preemption
-) -> dict:
+def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_main, stop) -> dict:
     config = experiment.config
     replicated = sharding.replicated(experiment.mesh)
     state = experiment.state
-    results_path = workdir / RESULTS_FILE
 
     if checkpoints.latest_step() is not None:
-        state, saved = checkpoints.resume(checkpoint.abstract_like(state, replicated))
-        diffs = _config_differences(saved, json.loads(config_json))
-        if diffs:
-            logging.warning("Resuming with a config that differs from the saved one: %s", diffs)
+        state = checkpoints.resume(checkpoint.abstract_like(state, replicated))
         logging.info("Resumed from the checkpoint at step %d", int(state["step"]))
     start_step = int(state["step"])
     total = experiment.total_steps
     if total == 0:
         return _evaluate_untrained(experiment, state, workdir, writer, is_main)
-    if start_step >= total and results_path.exists():
-        logging.info("Training already complete; results in %s", results_path)
-        return json.loads(results_path.read_text())
     end_step = total if max_steps is None else min(total, start_step + max_steps)
 
     best = checkpoints.best_metrics()
@@ -515,50 +528,58 @@ def _run(
         experiment.steps_per_epoch,
         experiment.mesh.devices.size,
     )
-    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+    report = progress.Progress(
+        start_step=start_step, total_steps=total, steps_per_epoch=experiment.steps_per_epoch
+    )
     batches = experiment.train_batches(start_step) if start_step < end_step else iter(())
     train_metrics = None
-    step, preempted = start_step, False
+    step, stopped = start_step, False
     for step in range(start_step + 1, end_step + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = sharding.to_global_batch(next(batches), experiment.mesh)
             state, update = experiment.train_step(
                 state, experiment.frozen, batch, experiment.train_rng
             )
+        report.step_done(step)
         train_metrics = update if train_metrics is None else train_metrics.merge(update)
-        report(step)
         epoch_end = step % experiment.steps_per_epoch == 0
+        train = val = None
         if step % config.log_every_steps == 0 or epoch_end or step == end_step:
-            _write_train_metrics(experiment, train_metrics, step, writer, checkpoints)
+            train = _write_train_metrics(
+                experiment, train_metrics, step, writer, checkpoints, report
+            )
             train_metrics = None
         if epoch_end:
-            val = experiment.evaluate(state["trained"], config.dataset.val_split)
-            writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
-            if is_main and hasattr(experiment.method, "visualize"):
-                _write_pictures(experiment, state["trained"], step, writer, workdir)
-            if config.report_test_selected:
-                _record_test_accuracy(experiment, state["trained"], step, writer, workdir, is_main)
+            val = _validate(experiment, state["trained"], step, writer, workdir, is_main)
+        if train or val:
+            report.log(step, train, val)
+        if epoch_end:
             if val["accuracy"] > best_accuracy:
                 best_accuracy = val["accuracy"]
                 checkpoints.save_best(step, state["trained"], config_json, val)
             checkpoints.save_latest(step, state, config_json)
         # Asked last, so that a signal arriving at any point of this step stops right here.
-        preempted = preemption.requested()
-        if preempted:
+        stopped = stop.requested()
+        if stopped:
             break
-    if train_metrics is not None:  # a logging window cut short by SIGTERM: checked, then saved
-        _write_train_metrics(experiment, train_metrics, step, writer, checkpoints)
+    if train_metrics is not None:  # a logging window cut short by a signal: checked, then saved
+        report.log(
+            step, _write_train_metrics(experiment, train_metrics, step, writer, checkpoints, report)
+        )
     writer.flush()
-    if preempted or step < total:
+    if stopped or step < total:
         if checkpoints.latest_step() != step:
             checkpoints.save_latest(step, state, config_json)
         logging.info(
-            "Stopped after step %d of %d (%s); rerun with the same workdir to resume",
+            "Stopped after step %d of %d (%s) with a checkpoint; rerun with the same workdir to "
+            "resume",
             step,
             total,
-            "SIGTERM" if preempted else "max_steps",
+            stop.name if stopped else "max_steps",
         )
-        return {"stopped_at_step": step, "total_steps": total, "preempted": preempted}
+        if stop.interrupted:
+            raise KeyboardInterrupt(f"stopped after step {step} of {total}, checkpoint saved")
+        return {"stopped_at_step": step, "total_steps": total, "preempted": stopped}
 
     checkpoints.wait()
     if config.selection == "last":  # the validation split was trained on (VPT's trainval)
@@ -569,12 +590,32 @@ def _run(
     return _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main)
 
 
-def _write_train_metrics(experiment, train_metrics, step, writer, checkpoints) -> None:
-    """Log the training metrics merged since the last log, failing if the loss is not finite."""
+def _validate(experiment, trained, step, writer, workdir, is_main) -> dict[str, float]:
+    """The end of an epoch: validation metrics, pictures and the per-epoch test record."""
+    config = experiment.config
+    batches = iter(experiment.eval_batches(config.dataset.val_split))
+    first_batch = next(batches)  # its images are drawn: read once, as the pass reads them
+    val = experiment.evaluate(
+        trained, config.dataset.val_split, itertools.chain([first_batch], batches)
+    )
+    writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
+    if is_main and experiment.method.has_pictures:
+        _write_pictures(experiment, trained, step, writer, workdir, first_batch["image"])
+    if config.report_test_selected:
+        _record_test_accuracy(experiment, trained, step, writer, workdir, is_main)
+    return val
+
+
+def _write_train_metrics(experiment, train_metrics, step, writer, checkpoints, report) -> dict:
+    """Write the training metrics merged since the last write, failing if the loss is not
+    finite; return them."""
     values = {k: float(v) for k, v in train_metrics.compute().items()}
     _check_finite(values, checkpoints)
     lrs = {f"lr_{g}": float(s(step)) for g, s in experiment.schedules.items()}
-    writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs)
+    rate = report.steps_per_sec(step)
+    speed = {} if rate is None else {"steps_per_sec": rate}
+    writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs | speed)
+    return values
 
 
 def _evaluate_untrained(experiment, state, workdir, writer, is_main) -> dict:
@@ -611,8 +652,16 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
     if is_main:
         if (workdir / TEST_EACH_EPOCH_FILE).exists():
             results["test_selected"] = _test_selected(workdir)
-        _write_json(workdir / RESULTS_FILE, results)
-    logging.info("Test accuracy %.4f (best validation step %d)", test["accuracy"], best_step)
+        write_json(workdir / RESULTS_FILE, results)
+        logging.info(
+            "Test accuracy %.4f (best validation step %d). Results in %s; TensorBoard: "
+            "tensorboard --logdir %s%s",
+            test["accuracy"],
+            best_step,
+            workdir / RESULTS_FILE,
+            workdir,
+            f"; pictures in {workdir / 'images'}" if (workdir / "images").exists() else "",
+        )
     return results
 
 
@@ -635,14 +684,6 @@ def protocol_report(experiment) -> dict:
     return report
 
 
-def _write_json(path: epath.Path, value) -> None:
-    """Written beside, then renamed: a job killed while writing leaves no truncated file (which
-    the next run could take for "training complete")."""
-    partial = path.parent / f"{path.name}.partial"
-    partial.write_text(json.dumps(value, indent=2))
-    partial.replace(path)
-
-
 def _record_test_accuracy(experiment, trained, step, writer, workdir, is_main) -> None:
     """``config.report_test_selected``: the test accuracy after this epoch, kept only to report
     the optimistic number that selecting on the test split gives; never used for selection."""
@@ -652,7 +693,7 @@ def _record_test_accuracy(experiment, trained, step, writer, workdir, is_main) -
         path = workdir / TEST_EACH_EPOCH_FILE
         record = json.loads(path.read_text()) if path.exists() else {}
         record[str(step)] = test["accuracy"]  # a resumed run redoes an epoch identically
-        _write_json(path, record)
+        write_json(path, record)
 
 
 def _test_selected(workdir) -> dict:
@@ -665,14 +706,13 @@ def _test_selected(workdir) -> dict:
     }
 
 
-def _write_pictures(experiment, trained, step, writer, workdir) -> None:
-    """Prompted validation images (and masks) to TensorBoard and ``workdir/images``."""
-    first_batch = next(iter(experiment.eval_batches(experiment.config.dataset.val_split)))
+def _write_pictures(experiment, trained, step, writer, workdir, images) -> None:
+    """Prompted validation ``images`` (and masks) to TensorBoard and ``workdir/images``."""
     pictures = visualize.method_pictures(
         experiment.method,
         trained,
         experiment.frozen,
-        first_batch["image"][: visualize.NUM_IMAGES],
+        images[: visualize.NUM_IMAGES],
         rng=experiment.eval_rng,
         normalization=experiment.spec.normalization,
     )
@@ -687,10 +727,10 @@ def _token_usage_picture(experiment, trained) -> dict:
     images of each component (``visualize.token_usage_picture``); {} for a single dataset or a
     method without a token library."""
     data = experiment.config.dataset
-    if not (mixture.is_mixture(data.name) and hasattr(experiment.method, "token_weights")):
+    if not (mixture_name.is_mixture(data.name) and experiment.method.has_token_weights):
         return {}
     images = []
-    for source in range(len(mixture.parse(data.name))):
+    for source in range(len(mixture_name.parse(data.name))):
         batch = next(
             mixture.eval_iterator(
                 data.name,
@@ -711,7 +751,7 @@ def _mixture_results(experiment, trained) -> dict:
     keys), and its ``division_of_labour`` on each (``mixture.division_of_labour``, for methods
     with a token library); {} for a single dataset."""
     data = experiment.config.dataset
-    if not mixture.is_mixture(data.name):
+    if not mixture_name.is_mixture(data.name):
         return {}
     per_dataset, results = {}, {}
     for prefix, split in (("", data.test_split), ("val_", data.val_split)):

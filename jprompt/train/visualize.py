@@ -2,8 +2,10 @@
 
 Methods that act on pixels define ``visualize(trained, frozen, images, *, rng)`` returning
 ``{name: (B, H, W, C) array}`` in the backbone's normalized input space (C = 3), or in [0, 1]
-when the name ends with ``_mask`` (C = 1 or 3). The trainer turns each into one grid image, logs
-it to TensorBoard and writes it as ``WORKDIR/images/{name}_{step}.png`` after each evaluation.
+when the name ends with ``_mask`` (C = 1 or 3). The trainer turns each into one grid image (a
+mask's with blue gaps, so that a mask that is on everywhere shows as a white tile rather than as
+blank paper), logs it to TensorBoard and writes it as ``WORKDIR/images/{name}_{step}.png`` after
+each evaluation.
 A mixture run (``jprompt.data.mixture``) of a method with a token library (PGN) also gets
 ``token_usage_by_source``: each component's mean token weights as a heat map.
 """
@@ -17,6 +19,9 @@ from etils import epath
 from jprompt.data import normalization as normalizations
 
 NUM_IMAGES = 16  # validation images shown per picture
+WHITE = (1.0, 1.0, 1.0)
+# Between masks, which are grey levels from black (off) to white (on): a colour no mask takes.
+MASK_GAP = (0.0, 0.4, 0.8)
 
 
 def to_unit_range(images: np.ndarray, normalization: str) -> np.ndarray:
@@ -25,15 +30,17 @@ def to_unit_range(images: np.ndarray, normalization: str) -> np.ndarray:
     return np.clip(rgb / 255.0, 0.0, 1.0)
 
 
-def grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
-    """(B, H, W, C) in [0, 1] -> one (rows*H, cols*W, 3) uint8 picture, white gaps between."""
+def grid(images: np.ndarray, *, pad: int = 2, gap=WHITE) -> np.ndarray:
+    """(B, H, W, C) in [0, 1] -> one (rows*H, cols*W, 3) uint8 picture, ``gap`` (RGB in [0, 1])
+    between and around the images."""
     images = np.asarray(images, np.float32)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     count, height, width, _ = images.shape
     cols = math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
-    canvas = np.ones((rows * (height + pad) + pad, cols * (width + pad) + pad, 3), np.float32)
+    canvas = np.empty((rows * (height + pad) + pad, cols * (width + pad) + pad, 3), np.float32)
+    canvas[:] = gap
     for index, image in enumerate(images):
         top = pad + (index // cols) * (height + pad)
         left = pad + (index % cols) * (width + pad)
@@ -43,15 +50,15 @@ def grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
 
 def method_pictures(method, trained, frozen, images, *, rng, normalization: str) -> dict:
     """``{name: uint8 grid}`` for a method with ``visualize``; empty for the others."""
-    if not hasattr(method, "visualize"):
+    if not method.has_pictures:
         return {}
     pictures = {}
     for name, batch in method.visualize(trained, frozen, images, rng=rng).items():
         batch = np.asarray(batch)
-        unit = (
-            np.clip(batch, 0, 1) if name.endswith("_mask") else to_unit_range(batch, normalization)
-        )
-        pictures[name] = grid(unit)
+        if name.endswith("_mask"):
+            pictures[name] = grid(np.clip(batch, 0, 1), gap=MASK_GAP)
+        else:
+            pictures[name] = grid(to_unit_range(batch, normalization))
     return pictures
 
 
