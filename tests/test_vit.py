@@ -488,6 +488,55 @@ def test_gap_pool_excludes_prompts(images, position):
     assert np.abs(encoded.mean(1) - patches.mean(1)).max() > 1e-3
 
 
+R = 2  # register tokens
+
+
+@pytest.mark.parametrize("position", ["after_cls", "end"])
+def test_registers_prompts_and_gap_rows(images, position):
+    # DINOv2's layout: [CLS + posemb, registers (no posemb), patches + posemb]; VPT's prompts go
+    # after the CLS and register tokens, PGN's at the end; "gap" averages the patches alone.
+    model, params = _tiny("gap", class_token=True, num_registers=R, layerscale=True)
+    deep = _prompts(3, (DEPTH, B, P, D))
+    _, out, io = _block_io(model, params, images, deep_prompts=deep, prompt_position=position)
+    posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
+    at = slice(1 + R, 1 + R + P) if position == "after_cls" else slice(1 + R + NUM_PATCHES, None)
+    patches = slice(1 + R + P, None) if position == "after_cls" else slice(1 + R, -P)
+    x0, x1 = io["encoderblock_0"][0], io["encoderblock_1"][0]
+    np.testing.assert_allclose(x0[:, 0], (params["cls"] + posemb[:, 0])[0].repeat(B, 0))
+    np.testing.assert_array_equal(x0[:, 1 : 1 + R], params["registers"][0][None].repeat(B, 0))
+    np.testing.assert_array_equal(x0[:, at], deep[0])
+    np.testing.assert_array_equal(x1[:, at], deep[1])
+    np.testing.assert_allclose(
+        x0[:, patches], _embedded(params, images) + posemb[:, 1:], atol=1e-5, rtol=1e-5
+    )
+    encoded = np.asarray(out["encoded"])
+    np.testing.assert_allclose(out["features"], encoded[:, patches].mean(1), atol=1e-6)
+    # The prompts' place among the position-free tokens changes no output.
+    other = "end" if position == "after_cls" else "after_cls"
+    _, out_other = model.apply({"params": params}, images, deep_prompts=deep, prompt_position=other)
+    np.testing.assert_allclose(out_other["features"], out["features"], atol=1e-5)
+    np.testing.assert_allclose(out_other["encoded"][:, 0], encoded[:, 0], atol=1e-5)
+
+
+def test_layerscale_and_swiglu_change_the_blocks_as_dinov2(images):
+    model, params = _tiny("tok", class_token=True, layerscale=True, ffn="swiglu", mlp_dim=48)
+    block = params["Transformer"]["encoderblock_0"]
+    assert block["MlpBlock_0"]["Dense_0"]["kernel"].shape == (D, 2 * 48)
+    assert block["MlpBlock_0"]["Dense_1"]["kernel"].shape == (48, D)
+    x = _prompts(6, (B, 5, D))
+    mlp = vit.MlpBlock(mlp_dim=48, ffn="swiglu")
+    dense = block["MlpBlock_0"]
+    hidden = x @ dense["Dense_0"]["kernel"] + dense["Dense_0"]["bias"]
+    gate, up = hidden[..., :48], hidden[..., 48:]
+    want = (gate / (1 + np.exp(-gate)) * up) @ dense["Dense_1"]["kernel"] + dense["Dense_1"]["bias"]
+    got = mlp.apply({"params": dense}, x, deterministic=True)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # LayerScale scales each branch before the residual: a zero scale makes the block identity.
+    zero = jax.tree.map(np.zeros_like, {k: block[k] for k in ("LayerScale_0", "LayerScale_1")})
+    layer = vit.Encoder1DBlock(mlp_dim=48, num_heads=2, ffn="swiglu", layerscale=True)
+    np.testing.assert_array_equal(layer.apply({"params": {**block, **zero}}, x, True), x)
+
+
 def test_prompt_argument_errors(images):
     model, params = _tiny("tok")
     variables = {"params": params}

@@ -4,7 +4,10 @@
 the pixel normalization its weights expect (a ``jprompt.data.normalization`` name, which the
 input pipeline applies) and the width of its features. CLIP backbones also carry their text
 tower (``text``), from which a zero-shot head is computed once; only the image tower's parameters
-go to the training step.
+go to the training step. A ViT loaded for a label mapping carries its checkpoint's classifier
+(``source_head``: ``{"kernel": (feature_dim, S), "bias": (S,)}``, e.g. ImageNet's), which the
+method puts in its frozen tree; it is read only when asked for, as it can be large (IN-21k:
+16.8M values for ViT-B).
 
 Building one from a name and a checkpoint is ``jprompt.models.backbones``; this module reads no
 checkpoint, so prompt methods import it without the checkpoint readers. From your own code::
@@ -48,6 +51,7 @@ class Backbone:
     image_size: int
     normalization: str
     text: TextEncoder | None = dataclasses.field(default=None, compare=False, repr=False)
+    source_head: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def feature_dim(self) -> int:

@@ -1,22 +1,104 @@
 """Backbones by name: ``build`` makes the ``jprompt.models.backbone.Backbone`` named in a config
-and its parameters, read from a checkpoint (vit_jax / big_vision ``.npz``, converted CLIP files)
-or drawn at random, with the pixel normalization those checkpoints were trained with.
+and its parameters, read from a checkpoint (vit_jax / big_vision ``.npz``, converted CLIP files,
+the released DINOv2, MAE and MoCo v3 ``.pth`` files) or drawn at random, with the pixel
+normalization those checkpoints were trained with.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 from ml_collections import ConfigDict
 
-from jprompt.models import clip, clip_checkpoint, vit, vit_checkpoint
+from jprompt.errors import InputError
+from jprompt.models import clip, clip_checkpoint, torch_vit_checkpoint, vit, vit_checkpoint
 from jprompt.models.backbone import Backbone, TextEncoder
 
-NAMES = vit.NAMES + clip.NAMES
+
+@dataclasses.dataclass(frozen=True)
+class TorchViT:
+    """A ViT released as a PyTorch ``.pth`` file (``torch_vit_checkpoint``): its family, its
+    size and the name of the released file (``file``, downloadable from ``url``)."""
+
+    family: str  # one of torch_vit_checkpoint.FAMILIES
+    patch_size: int
+    hidden_size: int
+    depth: int
+    mlp_dim: int  # the MLP's hidden width (SwiGLU: of each half)
+    num_heads: int
+    file: str = ""
+    url: str = ""
+    num_registers: int = 0
+    ffn: str = "mlp"
+
+    @property
+    def layerscale(self) -> bool:
+        return self.family == "dinov2"
+
+
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+# DINOv2's hub entries (dinov2/hub/backbones.py): ViT-S/B/L/g at patch 14, registers 0 or 4;
+# ViT-g/14 ("vit_giant2") is 1536 wide with SwiGLU (hidden (int(4 * 1536 * 2/3) + 7) // 8 * 8).
+_DINOV2_SIZES = {
+    "s": (384, 12, 1536, 6, "mlp"),
+    "b": (768, 12, 3072, 12, "mlp"),
+    "l": (1024, 24, 4096, 16, "mlp"),
+    "g": (1536, 40, 4096, 24, "swiglu"),
+}
+
+
+def _dinov2(size: str, registers: int) -> TorchViT:
+    hidden, depth, mlp, heads, ffn = _DINOV2_SIZES[size]
+    stem = f"dinov2_vit{size}14"
+    file = f"{stem}{f'_reg{registers}' if registers else ''}_pretrain.pth"
+    return TorchViT(
+        "dinov2", 14, hidden, depth, mlp, heads, file, f"{_DINOV2_URL}{stem}/{file}", registers, ffn
+    )
+
+
+# Tiny members of each family (random weights) for tests and offline demos only.
+TORCH_VITS: dict[str, TorchViT] = {
+    **{f"dinov2_{size}14": _dinov2(size, 0) for size in _DINOV2_SIZES},
+    **{f"dinov2_{size}14_reg": _dinov2(size, 4) for size in _DINOV2_SIZES},
+    "dinov2_tiny4_reg": TorchViT("dinov2", 4, 32, 2, 128, 2, num_registers=4),
+    "mae_b16": TorchViT(
+        "mae",
+        16,
+        768,
+        12,
+        3072,
+        12,
+        "mae_pretrain_vit_base.pth",
+        "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth",
+    ),
+    "mae_tiny4": TorchViT("mae", 4, 32, 2, 128, 2),
+    # VPT loads MoCo v3's linear-probe file; its backbone is the pretrained base encoder.
+    "mocov3_b16": TorchViT(
+        "mocov3",
+        16,
+        768,
+        12,
+        3072,
+        12,
+        "linear-vit-b-300ep.pth.tar",
+        "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar",
+    ),
+    "mocov3_tiny4": TorchViT("mocov3", 4, 32, 2, 128, 2),
+}
+# Where ``config_lib`` expects each released file (``~/jprompt_models/<file>``).
+TORCH_VIT_FILES = {name: spec.file for name, spec in TORCH_VITS.items() if spec.file}
+
+NAMES = vit.NAMES + clip.NAMES + tuple(TORCH_VITS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# vit_jax and big_vision checkpoints expect pixels in [-1, 1]; CLIP its own mean/std scaling.
+# vit_jax and big_vision checkpoints expect pixels in [-1, 1]; CLIP its own mean/std scaling;
+# DINOv2, MAE and MoCo v3 ImageNet's mean/std (their transforms' Normalize).
 VIT_NORMALIZATION = "minus_one_to_one"
 CLIP_NORMALIZATION = "clip"
+TORCH_VIT_NORMALIZATION = "imagenet"
+# All three train with PyTorch's exact nn.GELU and LayerNorm(eps=1e-6).
+TORCH_VIT_ACTIVATION = "gelu_exact"
 
 
 def default_config(name: str, **overrides) -> ConfigDict:
@@ -30,8 +112,9 @@ def default_config(name: str, **overrides) -> ConfigDict:
             dropout_rate=0.0,
             representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
             # the MLP's, as the checkpoint was trained: "" = the family's (vit_*: gelu_tanh as
-            # vit_jax / big_vision; clip_*: quick_gelu, both towers) | gelu_tanh | gelu_exact
-            # (PyTorch-trained weights: timm, DINOv2, MAE; VPT's code) | quick_gelu
+            # vit_jax / big_vision; clip_*: quick_gelu, both towers; dinov2_*, mae_*, mocov3_*:
+            # gelu_exact) | gelu_tanh | gelu_exact (PyTorch-trained weights: timm, DINOv2, MAE;
+            # VPT's code) | quick_gelu. DINOv2's SwiGLU (dinov2_g14*) uses none of them.
             activation="",
             compute_dtype="float32",  # float32 | bfloat16 (matmuls and activations)
             param_dtype="float32",  # float32 | bfloat16: storage of the frozen weights
@@ -48,15 +131,23 @@ def activation(config: ConfigDict) -> str:
     """``config.activation``, with "" resolved to the default of the backbone's family."""
     if config.activation:
         return config.activation
+    if config.name in TORCH_VITS:
+        return TORCH_VIT_ACTIVATION
     return clip.ACTIVATION if config.name in clip.NAMES else vit.DEFAULT_ACTIVATION
 
 
-def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backbone, dict]:
+def build(
+    config: ConfigDict, *, image_size: int, rng: jax.Array, source_head: bool = False
+) -> tuple[Backbone, dict]:
     """The backbone named by ``config.name`` and its parameters.
 
-    ``config.checkpoint``: an ``.npz`` in vit_jax or big_vision naming (local or ``gs://``); the
-    position embedding is resampled to ``image_size`` and any head is dropped. Empty: random
-    initialisation from ``rng`` (for tests and from-scratch training).
+    ``source_head``: keep the checkpoint's own classifier as ``Backbone.source_head``, for a
+    label mapping (a vit_jax / big_vision ViT file with its head only).
+
+    ``config.checkpoint``: an ``.npz`` in vit_jax or big_vision naming (local or ``gs://``), or
+    for ``TORCH_VITS`` the family's released ``.pth`` file; the position embedding is resampled
+    to ``image_size`` and any head is dropped. Empty: random initialisation from ``rng`` (for
+    tests and from-scratch training).
 
     Speed and memory: ``config.compute_dtype`` is the module's compute dtype,
     ``config.param_dtype`` the dtype the returned (frozen) parameters are stored in, and
@@ -80,10 +171,20 @@ def build(config: ConfigDict, *, image_size: int, rng: jax.Array) -> tuple[Backb
             f"unknown backbone.activation {config.activation!r}; valid choices: "
             f"{['', *vit.ACTIVATIONS]} ('' = the backbone family's default)"
         )
+    if source_head and (config.name not in vit.NAMES or not config.checkpoint):
+        raise InputError(
+            f"a label mapping reads the classifier of a ViT checkpoint file; {config.name} "
+            f"{'has none' if config.checkpoint else 'is built without a checkpoint'}: use "
+            "head=linear (or head=zeroshot on CLIP)"
+        )
     if config.name in clip.NAMES:
         backbone, params = _build_clip(config, image_size=image_size, rng=rng)
+    elif config.name in TORCH_VITS:
+        backbone, params = _build_torch_vit(config, image_size=image_size, rng=rng)
     else:
-        backbone, params = _build_vit(config, image_size=image_size, rng=rng)
+        backbone, params = _build_vit(
+            config, image_size=image_size, rng=rng, source_head=source_head
+        )
     return backbone, jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
 
 
@@ -96,7 +197,7 @@ def _module_options(config: ConfigDict) -> dict:
     )
 
 
-def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):
+def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array, source_head: bool):
     module = vit.create(
         config.name,
         num_classes=0,
@@ -107,15 +208,73 @@ def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):
     )
     _check_image_size(config.name, image_size, module.patch_size)
     backbone = Backbone(config.name, module, image_size, VIT_NORMALIZATION)
-    if config.checkpoint:
+    if source_head:
+        logging.info("Loading %s weights and head from %s", config.name, config.checkpoint)
+        params, head = vit_checkpoint.load_pretrained_with_head(
+            config.checkpoint, module, image_size=image_size
+        )
+        backbone = dataclasses.replace(backbone, source_head=head)
+    elif config.checkpoint:
         logging.info("Loading %s weights from %s", config.name, config.checkpoint)
         params = vit_checkpoint.load_pretrained(config.checkpoint, module, image_size=image_size)
+    if config.checkpoint:
         params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     else:
         logging.warning(
             "No checkpoint given: %s starts from a RANDOM initialisation, which only makes "
             "sense for training from scratch (set backbone.checkpoint to a .npz file)",
             config.name,
+        )
+        dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        params = jax.jit(module.init)(rng, dummy)["params"]
+    return backbone, params
+
+
+def torch_vit_module(name: str, **overrides) -> vit.VisionTransformer:
+    """The ``VisionTransformer`` of ``TORCH_VITS[name]`` without a head: a CLS token whatever
+    the pool, LayerNorm eps 1e-6, exact GELU; ``overrides`` replace any module field."""
+    spec = TORCH_VITS[name]
+    fields = dict(
+        num_classes=0,
+        patch_size=spec.patch_size,
+        hidden_size=spec.hidden_size,
+        depth=spec.depth,
+        mlp_dim=spec.mlp_dim,
+        num_heads=spec.num_heads,
+        class_token=True,
+        num_registers=spec.num_registers,
+        layerscale=spec.layerscale,
+        ffn=spec.ffn,
+        layernorm_epsilon=1e-6,
+        activation=TORCH_VIT_ACTIVATION,
+    )
+    return vit.VisionTransformer(**{**fields, **overrides})
+
+
+def _build_torch_vit(config: ConfigDict, *, image_size: int, rng: jax.Array):
+    """DINOv2, MAE or MoCo v3 from its released ``.pth`` file (or random weights)."""
+    if config.representation_size:
+        raise ValueError(
+            f"{config.name} has no representation layer: leave backbone.representation_size=0 "
+            f"(got {config.representation_size})"
+        )
+    spec = TORCH_VITS[config.name]
+    module = torch_vit_module(
+        config.name, pool=config.pool, dropout_rate=config.dropout_rate, **_module_options(config)
+    )
+    _check_image_size(config.name, image_size, module.patch_size)
+    backbone = Backbone(config.name, module, image_size, TORCH_VIT_NORMALIZATION)
+    if config.checkpoint:
+        logging.info("Loading %s weights from %s", config.name, config.checkpoint)
+        params = torch_vit_checkpoint.load(
+            config.checkpoint, spec.family, module, image_size=image_size
+        )
+    else:
+        logging.warning(
+            "No checkpoint given: %s starts from a RANDOM initialisation; set "
+            "backbone.checkpoint to the released file %s",
+            config.name,
+            spec.url or "(none: a tiny test backbone)",
         )
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         params = jax.jit(module.init)(rng, dummy)["params"]

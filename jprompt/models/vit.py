@@ -4,10 +4,12 @@ The parameter tree is exactly the tree of the published vit_jax / AugReg ``.npz`
 after vit_jax's pre-Linen rename, so those files load by name (see ``vit_checkpoint``)::
 
     embedding/{kernel (P, P, 3, D), bias}
-    cls (1, 1, D)                                   only with pool="tok"
-    Transformer/posembed_input/pos_embedding        (1, 1 + N, D) for "tok", (1, N, D) for "gap"
+    cls (1, 1, D)                                   only with pool="tok" (or class_token)
+    registers (1, R, D)                             only with num_registers (DINOv2)
+    Transformer/posembed_input/pos_embedding        (1, 1 + N, D) with cls, (1, N, D) without
     Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
-                                 LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1}
+                                 LayerNorm_1, MlpBlock_0/{Dense_0, Dense_1},
+                                 LayerScale_{0,1}/scale (only with layerscale: DINOv2)
     Transformer/encoder_norm
     pre_logits/{kernel, bias}                       only with representation_size
     head/{kernel, bias}                             only with num_classes > 0
@@ -22,6 +24,10 @@ checkpoint (the frozen backbone) and prompt methods keep their own trainable tre
 - ``prompt_tokens`` (B, p, D): inserted AFTER the position embedding was added, so they carry no
   position embedding. ``prompt_position="after_cls"`` puts them right after the CLS token (at the
   start with pool="gap"), as VPT does; ``"end"`` appends them after the last patch, as PGN does.
+  With register tokens (DINOv2), "after_cls" means after the CLS and the register tokens:
+  ``[CLS, registers, prompts, patches]``. Neither registers nor prompts carry a position
+  embedding and attention is blind to the order of such tokens, so the outputs are the same
+  with the prompts before the registers; only the rows' bookkeeping depends on it.
 - ``deep_prompts`` (depth, B, p, D): VPT-deep. ``deep_prompts[0]`` is inserted like
   ``prompt_tokens``; before each layer i >= 1 the p prompt positions are overwritten with
   ``deep_prompts[i]``, discarding the previous layer's outputs there (so they are never
@@ -61,6 +67,8 @@ NAMES: tuple[str, ...] = tuple(
 )
 
 POOLS = ("tok", "gap")
+# The transformer block's MLP: vit_jax's Dense-activation-Dense, or DINOv2's SwiGLU (ViT-g/14).
+FFNS = ("mlp", "swiglu")
 PROMPT_POSITIONS = ("after_cls", "end")
 LAYERNORM_EPS = 1e-6  # vit_jax / big_vision; CLIP uses PyTorch's default 1e-5
 # How self-attention is computed (``MultiHeadDotProductAttention``): jprompt's heads-major XLA
@@ -130,11 +138,16 @@ def create(name: str, *, num_classes: int = 0, **overrides: Any) -> "VisionTrans
 
 class MlpBlock(nn.Module):
     """Dense -> activation (one of ``ACTIVATIONS``) -> Dropout -> Dense -> Dropout, initialised
-    as in vit_jax."""
+    as in vit_jax.
+
+    ``ffn="swiglu"`` is DINOv2's ``SwiGLUFFN`` instead: ``Dense_0`` maps to ``2 * mlp_dim`` (its
+    ``w12``), whose halves ``a, b`` give ``silu(a) * b`` (``activation`` is not used), then
+    ``Dense_1`` (its ``w3``)."""
 
     mlp_dim: int
     dropout_rate: float = 0.0
     activation: str = DEFAULT_ACTIVATION
+    ffn: str = "mlp"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -147,9 +160,18 @@ class MlpBlock(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
+        if self.ffn not in FFNS:
+            raise ValueError(f"unknown ffn {self.ffn!r}; valid choices: {FFNS}")
         width = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0", **inits)(x)
-        x = ACTIVATIONS[self.activation](x)
+        gated = self.ffn == "swiglu"
+        x = nn.Dense(self.mlp_dim * (2 if gated else 1), dtype=self.dtype, name="Dense_0", **inits)(
+            x
+        )
+        if gated:
+            gate, x = jnp.split(x, 2, axis=-1)
+            x = jax.nn.silu(gate) * x
+        else:
+            x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         x = nn.Dense(width, dtype=self.dtype, name="Dense_1", **inits)(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -272,9 +294,21 @@ class MultiHeadDotProductAttention(nn.Module):
         )
 
 
+class LayerScale(nn.Module):
+    """Multiplies by a learned per-channel ``scale`` (D,): CaiT's LayerScale, DINOv2's ``ls1`` and
+    ``ls2`` (``gamma``). Initialised to 1 (DINOv2's hub models' ``init_values``)."""
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        return x * scale.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)); with
-    ``query_rows`` the outputs of those rows alone (all rows still give keys and values)."""
+    ``query_rows`` the outputs of those rows alone (all rows still give keys and values).
+    ``layerscale`` multiplies both branches by a ``LayerScale`` before the residual sum (DINOv2).
+    """
 
     mlp_dim: int
     num_heads: int
@@ -282,6 +316,8 @@ class Encoder1DBlock(nn.Module):
     attention_dropout_rate: float = 0.0
     layernorm_epsilon: float = LAYERNORM_EPS
     activation: str = DEFAULT_ACTIVATION
+    ffn: str = "mlp"
+    layerscale: bool = False
     causal: bool = False
     attention: str = "heads_major"
     dtype: Any = jnp.float32
@@ -299,6 +335,8 @@ class Encoder1DBlock(nn.Module):
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_0",
         )(y, deterministic=deterministic, query_rows=query_rows)
+        if self.layerscale:
+            y = LayerScale(name="LayerScale_0")(y)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
         x = take_rows(x, query_rows) + y
 
@@ -307,9 +345,12 @@ class Encoder1DBlock(nn.Module):
             mlp_dim=self.mlp_dim,
             dropout_rate=self.dropout_rate,
             activation=self.activation,
+            ffn=self.ffn,
             dtype=self.dtype,
             name="MlpBlock_0",
         )(y, deterministic=deterministic)
+        if self.layerscale:
+            y = LayerScale(name="LayerScale_1")(y)
         return x + y
 
 
@@ -365,8 +406,11 @@ class AddPositionEmbs(nn.Module):
 class Encoder(nn.Module):
     """Position embedding, prompt insertion, the blocks and the final LayerNorm.
 
+    ``registers`` (B, R, D), DINOv2's register tokens, are inserted at index 1 (after the CLS
+    token) once the position embedding was added, as DINOv2 does: they carry none.
     ``prompt_start`` is the sequence index where the p prompt tokens go (after the position
-    embedding was added); ``deep_prompts`` overwrite those positions before every layer i >= 1.
+    embedding was added and the registers inserted); ``deep_prompts`` overwrite those positions
+    before every layer i >= 1.
     ``pre_norm`` adds CLIP's ``ln_pre`` (named ``pre_norm``) after the prompts were inserted, so
     that prompt tokens are normalized with the rest of the sequence, as the PGN code does on CLIP.
     ``remat`` rematerialises every block in the backward pass (``nn.remat``), trading about one
@@ -385,6 +429,8 @@ class Encoder(nn.Module):
     attention_dropout_rate: float = 0.0
     layernorm_epsilon: float = LAYERNORM_EPS
     activation: str = DEFAULT_ACTIVATION
+    ffn: str = "mlp"
+    layerscale: bool = False
     causal: bool = False
     pre_norm: bool = False
     remat: bool = False
@@ -396,6 +442,7 @@ class Encoder(nn.Module):
         self,
         x,
         *,
+        registers=None,
         prompts=None,
         deep_prompts=None,
         prompt_start: int = 0,
@@ -404,6 +451,8 @@ class Encoder(nn.Module):
     ):
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        if registers is not None:
+            x = _insert(x, registers.astype(x.dtype), 1)
 
         if deep_prompts is not None:
             prompts = deep_prompts[0]
@@ -444,6 +493,8 @@ class Encoder(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate,
             layernorm_epsilon=self.layernorm_epsilon,
             activation=self.activation,
+            ffn=self.ffn,
+            layerscale=self.layerscale,
             causal=self.causal,
             attention=self.attention,
             dtype=self.dtype,
@@ -469,6 +520,13 @@ class VisionTransformer(nn.Module):
     ``MultiHeadDotProductAttention``). ``activation`` (one of ``ACTIVATIONS``) is the MLP's:
     "gelu_tanh" for vit_jax / big_vision checkpoints, "gelu_exact" for PyTorch-trained ones.
 
+    ``class_token`` says whether the sequence starts with a CLS token; ``None`` ties it to
+    ``pool="tok"`` as in vit_jax. PyTorch-trained ViTs (DINOv2, MAE, MoCo v3) always have one,
+    also when pooling the patch mean (MAE's and DINOv2's average pooling). ``num_registers``
+    learned ``registers`` (1, R, D) follow the CLS token without position embedding (DINOv2 with
+    registers); ``layerscale`` and ``ffn="swiglu"`` are DINOv2's LayerScale and SwiGLU MLP.
+    "gap" pools the patch tokens alone: no CLS, register or prompt token.
+
     The fields after ``head_bias_init`` make CLIP's image tower out of the same module
     (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
     quick_gelu, LayerNorm eps 1e-5, and a bias-free projection ``proj`` of the pooled token,
@@ -486,6 +544,11 @@ class VisionTransformer(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     head_bias_init: float = 0.0
+    # DINOv2, MAE and MoCo v3 (PyTorch-trained): a CLS token with any pool, registers, LayerScale.
+    class_token: bool | None = None
+    num_registers: int = 0
+    layerscale: bool = False
+    ffn: str = "mlp"
     # CLIP's image tower: conv without bias, ln_pre, quick_gelu, eps 1e-5, a linear projection.
     patch_bias: bool = True
     pre_norm: bool = False
@@ -500,6 +563,15 @@ class VisionTransformer(nn.Module):
     def feature_dim(self) -> int:
         """Width of ``out["features"]``, the features a head sees."""
         return self.projection_dim or self.representation_size or self.hidden_size
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.pool == "tok" if self.class_token is None else self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """The rows before the patches (and before "after_cls" prompts): CLS and registers."""
+        return int(self.has_class_token) + self.num_registers
 
     @nn.compact
     def __call__(
@@ -534,19 +606,27 @@ class VisionTransformer(nn.Module):
         )(images.astype(self.dtype), pixel_prompt)
         num_patches = x.shape[1]
 
-        num_cls = 0
-        if self.pool == "tok":
+        if self.pool == "tok" and not self.has_class_token:
+            raise ValueError('pool="tok" needs the class token: class_token=False')
+        if self.has_class_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size), jnp.float32)
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
-            num_cls = 1
-        prompt_start = num_cls if prompt_position == "after_cls" else num_cls + num_patches
-
-        # The rows the pooling reads: the CLS token, or every patch token.
+        registers = None
+        if self.num_registers:
+            if not self.has_class_token:
+                raise ValueError("register tokens follow the class token: set class_token=True")
+            shape = (1, self.num_registers, self.hidden_size)
+            registers = self.param("registers", nn.initializers.zeros, shape, jnp.float32)
+            registers = jnp.tile(registers, (batch, 1, 1))
+        prefix = self.num_prefix_tokens
         num_prompts = 0 if prompt_tokens is None else prompt_tokens.shape[1]
         num_prompts = num_prompts if deep_prompts is None else deep_prompts.shape[2]
-        length = num_cls + num_prompts + num_patches
+        prompt_start = prefix if prompt_position == "after_cls" else prefix + num_patches
+
+        # The rows the pooling reads: the CLS token, or every patch token.
+        first_patch = prefix + (num_prompts if prompt_position == "after_cls" else 0)
         pooled_rows = (
-            ((0, 1),) if self.pool == "tok" else rows_without(length, prompt_start, num_prompts)
+            ((0, 1),) if self.pool == "tok" else ((first_patch, first_patch + num_patches),)
         )
         encoded, readout = Encoder(
             depth=self.depth,
@@ -556,6 +636,8 @@ class VisionTransformer(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate,
             layernorm_epsilon=self.layernorm_epsilon,
             activation=self.activation,
+            ffn=self.ffn,
+            layerscale=self.layerscale,
             pre_norm=self.pre_norm,
             remat=self.remat,
             attention=self.attention,
@@ -563,6 +645,7 @@ class VisionTransformer(nn.Module):
             name="Transformer",
         )(
             x,
+            registers=registers,
             prompts=prompt_tokens,
             deep_prompts=deep_prompts,
             prompt_start=prompt_start,

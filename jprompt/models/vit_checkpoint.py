@@ -232,7 +232,40 @@ def load_pretrained(path, model: VisionTransformer, *, image_size: int) -> dict:
     then checked against the model: any missing key, unexpected key or shape mismatch raises a
     ValueError naming all of them. Returns a nested dict of float32 numpy arrays.
     """
+    return _fit(load_npz(path), model, image_size, path)
+
+
+def load_pretrained_with_head(
+    path, model: VisionTransformer, *, image_size: int
+) -> tuple[dict, dict]:
+    """``load_pretrained``'s parameters and the file's own classifier, ``{"kernel": (F, S),
+    "bias": (S,)}`` in float32, for a label mapping on the model's features (``F`` =
+    ``model.feature_dim``). An InputError says why the file's head cannot be used: it has none,
+    or it reads a ``pre_logits`` layer the model lacks, or features of another width."""
     params = load_npz(path)
+    head = params.pop("head", None)
+    if head is None or set(head) != {"kernel", "bias"}:
+        raise InputError(
+            f"{path} has no classification head (head/kernel, head/bias), which a label mapping "
+            "reads: use a checkpoint with its head or head.name='linear'"
+        )
+    if "pre_logits" in params and model.representation_size is None:
+        width = np.shape(params["pre_logits"]["kernel"])[-1]
+        raise InputError(
+            f"the head of {path} reads its pre_logits layer, which the model drops: set "
+            f"backbone.representation_size={width}"
+        )
+    if np.shape(head["kernel"])[0] != model.feature_dim:
+        raise InputError(
+            f"the head of {path} reads {np.shape(head['kernel'])[0]} features but the model "
+            f"gives {model.feature_dim}"
+        )
+    source = {name: np.asarray(value, np.float32) for name, value in head.items()}
+    return _fit(params, model, image_size, path), source
+
+
+def _fit(params: dict, model: VisionTransformer, image_size: int, path) -> dict:
+    """``params`` (``load_npz``'s) adapted to ``model`` at ``image_size`` and checked."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     expected = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
