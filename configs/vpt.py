@@ -22,6 +22,12 @@ Args (comma-separated after the file name):
   head=NAME       linear or zeroshot (default: zeroshot on CLIP, linear on ViT)
   dataset=NAME    a preset of jprompt.data.presets (vtab/dtd, fgvc/cub, cifar100, ...) or any
                   tfds name (default cifar100); the preset sets splits, classes, preprocessing
+  spt             Self-Prompt Tuning init (jprompt.methods.vpt.spt_prompts): the tokens start
+                  as prototypes of the training images' tokens, each layer's from the tokens
+                  it sits among, instead of the uniform draw; the recipe stays VPT's (SPT's
+                  README uses num_tokens=20 deep, 100 shallow). spt_sample=random (default),
+                  mean_pooling or max_pooling (deep); spt_images=N images (default 0: as many
+                  as the training split has, as the official code)
   trainval        train on the preset's train+validation split (VTAB: train800val200), VPT's
                   final run once lr and wd were chosen on val200; the validation split then
                   overlaps training, so the last epoch's state is tested (selection="last")
@@ -76,17 +82,27 @@ DEMO_WARMUP_STEPS = 20
 VPT_GROUPS = ("vtab-natural", "vtab-specialized", "vtab-structured", "fgvc")
 
 
+# The config args and their defaults (configs/vfpt.py adds its own to these).
+ARGS = dict(
+    backbone="vit_b16",
+    head="",
+    dataset="cifar100",
+    num_tokens=10,
+    deep=False,
+    trainval=False,
+    spt=False,
+    spt_sample="random",
+    spt_images=0,
+    demo=False,
+)
+
+
 def get_config(arg=None):
-    args = config_lib.parse_arg(
-        arg,
-        backbone="vit_b16",
-        head="",
-        dataset="cifar100",
-        num_tokens=10,
-        deep=False,
-        trainval=False,
-        demo=False,
-    )
+    return config_lib.lock(vpt_config(config_lib.parse_arg(arg, **ARGS)))
+
+
+def vpt_config(args):
+    """The unlocked config for parsed ``ARGS`` (configs/vfpt.py builds on it)."""
     config = config_lib.config_for_args(args)
     if args.trainval:
         config.dataset.train_split = _trainval_split(config.dataset.preset)
@@ -97,6 +113,9 @@ def get_config(arg=None):
     config.method.dropout = DEEP_DROPOUT if args.deep else 0.0
     config.method.project_dim = -1
     config.method.head_init = "vpt"
+    config.method.prompt_init = "spt" if args.spt else "uniform"
+    config.method.spt_sample = args.spt_sample
+    config.method.spt_images = args.spt_images
 
     config.batch_size = 64 if args.num_tokens >= 100 else 128
     config.optim.name = "sgd"
@@ -123,7 +142,7 @@ def get_config(arg=None):
         config.optim.warmup_steps = DEMO_WARMUP_STEPS
         config.optim.schedule_unit = "step"
         config.num_epochs = 5
-    return config_lib.lock(config)
+    return config
 
 
 def _trainval_split(preset_name: str) -> str:
@@ -136,10 +155,10 @@ def _trainval_split(preset_name: str) -> str:
     return split
 
 
-def sweep(add, arg=None, name="lr_wd"):
-    """VPT's searches; see the module docstring."""
+def sweep(add, arg=None, name="lr_wd", get=get_config):
+    """VPT's searches; see the module docstring. ``get`` is the config file's ``get_config``."""
     if name == "lr_wd":
-        batch_size = get_config(arg).batch_size
+        batch_size = get(arg).batch_size
         for lr in LR_GRID:
             for wd in WD_GRID:
                 add(**{"optim.lr": lr * batch_size / 256, "optim.weight_decay": wd})

@@ -179,21 +179,33 @@ def test_methods_declare_what_the_trainer_needs():
     declared = {}
     for name in methods.METHODS:
         options = {"cache_features": True} if name == "linear_probe" else {}
+        if name == "evp":  # the official 30px frame does not fit the 32px test image
+            options["prompt_size"] = 4
         if name == "zeroshot":
             options["zeroshot"] = heads.ZeroShotHead(np.eye(2, 64, dtype=np.float32), 4.6)
         method = methods.build(name, backbone=make_backbone(), num_classes=2, **options)
-        declared[name] = (method.caches_features, method.has_pictures, method.has_token_weights)
+        declared[name] = (
+            method.caches_features,
+            method.has_pictures,
+            method.has_token_weights,
+            method.init_images,
+        )
         if method.has_pictures:
             assert callable(method.visualize)
         if method.has_token_weights:
             assert callable(method.token_weights)
     assert declared == {
-        "linear_probe": (True, False, False),
-        "finetune": (False, False, False),
-        "vp": (False, True, False),
-        "pgn": (False, True, True),
-        "prompt_tokens": (False, False, False),
-        "adavipro": (False, True, False),
-        "vpt": (False, False, False),
-        "zeroshot": (False, False, False),
+        "linear_probe": (True, False, False, None),
+        "finetune": (False, False, False, None),
+        "vp": (False, True, False, None),
+        "pgn": (False, True, True, None),
+        "prompt_tokens": (False, False, False, None),
+        "adavipro": (False, True, False, None),
+        "vpt": (False, False, False, None),
+        "zeroshot": (False, False, False, None),
+        "lor_vp": (False, True, False, None),
+        "evp": (False, True, False, None),
+        "vfpt": (False, False, False, None),
     }
+    spt = methods.build("vpt", backbone=make_backbone(), num_classes=2, prompt_init="spt")
+    assert spt.init_images == 0  # 0: as many images as the training split has

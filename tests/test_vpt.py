@@ -34,8 +34,18 @@ def make_backbone(name="vit_tiny4", image_size=32, **module_overrides):
 def tiny(depth=2, dropout=0.0):
     """A small random ViT (built once per variant) and its parameters."""
     backbone = make_backbone(depth=depth, dropout_rate=dropout)
-    params = backbone.module.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]
+    init = jax.jit(backbone.module.init)  # compiled: faster than the eager random ops
+    params = init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)))["params"]
     return backbone, params
+
+
+@functools.cache
+def pretrained():
+    """The shipped tiny ViT pretrained on jprompt_shapes (depth 2, width 64, patch 4): a trained
+    (non-zero) CLS token and position embedding."""
+    backbone = make_backbone()
+    path = config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE]
+    return backbone, vit_checkpoint.load_pretrained(path, backbone.module, image_size=32)
 
 
 def abstract_params(backbone):
@@ -156,11 +166,7 @@ def test_bad_options_fail_clearly():
 
 
 def test_shallow_tokens_enter_after_cls_without_position_embedding():
-    backbone = make_backbone()
-    # The shipped pretrained tiny ViT: a trained (non-zero) CLS token and position embedding.
-    params = vit_checkpoint.load_pretrained(
-        config_lib.DEMO_CHECKPOINTS[config_lib.DEMO_BACKBONE], backbone.module, image_size=32
-    )
+    backbone, params = pretrained()
     assert np.abs(params["Transformer"]["posembed_input"]["pos_embedding"]).max() > 0.01
     method = build(backbone, num_tokens=P)
     trained, frozen = init(method, params)

@@ -17,6 +17,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "adavipro": ("adavipro", "AdaViPro"),
     "vpt": ("vpt", "VisualPromptTuning"),
     "zeroshot": ("linear", "ZeroShot"),
+    "lor_vp": ("lor_vp", "LowRankVisualPrompt"),
+    "evp": ("evp", "EnhancedVisualPrompt"),
+    "vfpt": ("vfpt", "VisualFourierPromptTuning"),
 }
 
 

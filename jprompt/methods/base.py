@@ -20,10 +20,15 @@ methods follow per-epoch schedules such as AdaViPro's Gumbel temperature.
 Heads: every method ends in the same head, chosen when the method is built. By default a linear
 head (initialised by ``head_init``) trains next to the method, in ``trained["params"]["head"]``;
 given ``zeroshot`` (a CLIP text classifier) the head is frozen instead, in
-``frozen["zeroshot_head"]``, as in the VP and PGN papers' CLIP setting.
+``frozen["zeroshot_head"]``, as in the VP and PGN papers' CLIP setting. Given ``label_mapping``
+(``jprompt.methods.label_mapping``), the backbone checkpoint's own classifier
+(``Backbone.source_head``) is the frozen ``frozen["source_head"]`` and its logits are mapped onto
+the target classes: by ``frozen["label_mapping"]["index"]``, or by a trained
+``trained["params"]["label_mapping"]`` layer (``fully_connected``).
 
 What the trainer may use besides ``init`` and ``apply`` is declared here (``caches_features``,
-``has_pictures``, ``has_token_weights``), so that it never asks for a method's class.
+``has_pictures``, ``has_token_weights``, ``init_images``), so that it never asks for a method's
+class.
 """
 
 import abc
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jprompt.methods import heads
+from jprompt.methods.label_mapping import LabelMapping
 from jprompt.models.backbone import Backbone
 
 
@@ -47,6 +53,7 @@ class Method(abc.ABC):
     num_classes: int
     head_init: str = "zeros"
     zeroshot: heads.ZeroShotHead | None = None
+    label_mapping: LabelMapping | None = None
 
     # ``visualize(trained, frozen, images, *, rng) -> {name: images}`` draws what the method does
     # to its inputs.
@@ -60,8 +67,22 @@ class Method(abc.ABC):
         ``on_features()`` on them (the linear probe's feature cache) instead of ``apply``."""
         return False
 
+    @property
+    def init_images(self) -> int | None:
+        """How many training images ``init_from_images`` needs after ``init`` (0: as many as the
+        training split has), or None when ``init`` alone initialises the method."""
+        return None
+
+    def init_from_images(self, trained: dict, frozen: dict, images, rng: jax.Array) -> dict:
+        """``trained`` after a data-dependent initialisation on ``images`` (B, H, W, 3),
+        preprocessed as for training; the trainer calls it when ``init_images`` is not None."""
+        del frozen, images, rng
+        return trained
+
     def init_head(self, rng: jax.Array) -> tuple[dict, dict]:
         """``(trainable, frozen)`` entries for the head, to merge into the method's trees."""
+        if self.label_mapping is not None:
+            return self._init_label_mapping(rng)
         if self.zeroshot is None:
             head = heads.init_linear_head(
                 rng, self.backbone.feature_dim, self.num_classes, self.head_init
@@ -73,6 +94,17 @@ class Method(abc.ABC):
                 f"has {self.num_classes}"
             )
         return {}, {"zeroshot_head": self.zeroshot.variables()}
+
+    def _init_label_mapping(self, rng: jax.Array) -> tuple[dict, dict]:
+        if self.zeroshot is not None:
+            raise ValueError("a method takes a zero-shot head or a label mapping, not both")
+        source = self.backbone.source_head
+        if source is None:
+            raise ValueError(
+                f"the {self.label_mapping.name!r} label mapping needs the source head of "
+                f"{self.backbone.name}'s checkpoint: build the backbone with source_head=True"
+            )
+        return self.label_mapping.variables(rng, source, self.num_classes)
 
     def head_logits(self, params: dict, frozen: dict, features: jax.Array) -> jax.Array:
         return heads.head_logits(params, frozen, features)

@@ -1,6 +1,8 @@
-"""Classification heads on backbone features: the one home of the linear and zero-shot heads.
+"""Classification heads on backbone features: the linear, zero-shot and label-mapping heads.
 
 - Linear: ``{"kernel": (F, C), "bias": (C,)}``, trained with the method.
+- Label mapping (``jprompt.methods.label_mapping``): the checkpoint's own frozen source head
+  (``frozen["source_head"]``) with its logits mapped onto the target classes.
 - Zero-shot (CLIP): ``{"class_embeddings": (C, E), "logit_scale": ()}`` computed once from the
   text tower (``build_zeroshot_head``) and kept frozen; logits are ``exp(logit_scale)`` times
   the cosine between the image features and each class embedding, as in the VP and PGN code.
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jprompt.methods import label_mapping
 from jprompt.models import clip_tokenizer
 from jprompt.models.backbone import TextEncoder
 
@@ -79,10 +82,13 @@ def apply_zeroshot_head(variables: dict, features: jax.Array) -> jax.Array:
 
 
 def head_logits(params: dict, frozen: dict, features: jax.Array) -> jax.Array:
-    """The head a method's trees hold: the frozen ``frozen["zeroshot_head"]`` if there is one,
-    else the trained linear ``params["head"]`` (see ``jprompt.methods.base``)."""
+    """The head a method's trees hold: the frozen ``frozen["zeroshot_head"]`` if there is one, a
+    label mapping if there is a ``frozen["source_head"]``, else the trained linear
+    ``params["head"]`` (see ``jprompt.methods.base``)."""
     if "zeroshot_head" in frozen:
         return apply_zeroshot_head(frozen["zeroshot_head"], features)
+    if "source_head" in frozen:
+        return label_mapping.mapped_logits(params, frozen, features)
     return apply_linear_head(params["head"], features)
 
 

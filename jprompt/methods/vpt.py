@@ -23,16 +23,49 @@ backbone itself always runs in eval mode (its own dropout off), as the official 
 Head: a linear classifier on the pooled features (the CLS token after the final LayerNorm),
 initialised as in the official code (``head_init="vpt"``: He-normal fan_out, bias -log(99)).
 
+Self-Prompt Tuning init (``prompt_init="spt"``; Wang et al., ICML 2024, official code
+WangYZ1608/Self-Prompt-Tuning, ``prompt_generator`` in train.py / train_MAE.py): the tokens start
+as token prototypes of downstream training images instead of the uniform draw. ``init`` sees no
+data, so it draws the uniform tokens and the trainer (``init_images``/``init_from_images``)
+replaces them once before step 0 with ``spt_prompts(method, trained, frozen, images, rng)``,
+which runs the frozen backbone without prompts, in eval mode, on ``images``: the first
+``spt_images`` images the training iterator yields (0: as many as the training split has), so
+through the training transform as officially, but from one shuffled epoch where the official
+sampler draws with replacement (its MoCo script uses 1 image). The prototypes of each layer's
+set are drawn from the tokens that layer's prompts sit among:
+
+- layer 0 (the shallow set, and deep's first): the patch embeddings, before the position
+  embedding and without the CLS token (the official ``patch_embed`` output);
+- deep layer i >= 1: block i-1's output (block i's input) without the CLS token (and any
+  register tokens).
+
+``spt_sample`` picks the prototypes per layer, independently: ``random`` (the official default)
+takes ``num_tokens`` distinct tokens uniformly from all images' tokens of that layer;
+``mean_pooling`` / ``max_pooling`` (deep only, as officially) first pool each image's sequence of
+L tokens in ``num_tokens - 1`` windows of ``L // (num_tokens - 1)`` tokens plus a last window of
+the final ``L % window`` tokens (the whole sequence when that is 0, as the official slice
+``x[:, -0:]`` does), then take ``num_tokens`` distinct pooled vectors of all images uniformly.
+Differences: the official draws come from torch's generator (these from ``rng``); its
+``kmeans`` sampling reads cluster centres computed offline by code that is not released, so it is
+not offered. The prototypes are stored at the backbone's width, so ``project_dim`` must be -1.
+
 Trainable ``{"prompter": {"tokens", ["proj"]}, "head": ...}``; frozen ``{"backbone": ...}``.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jprompt.methods.base import Method
+
+PROMPT_INITS = ("uniform", "spt")
+SPT_SAMPLES = ("random", "mean_pooling", "max_pooling")
+# Images per forward pass of spt_prompts: bounds its memory at any number of images.
+SPT_CHUNK = 64
 
 
 def init_bound(patch_size: int, hidden_size: int) -> float:
@@ -70,6 +103,10 @@ class VisualPromptTuning(Method):
     dropout: float = 0.0
     project_dim: int = -1
     head_init: str = "vpt"
+    prompt_init: str = "uniform"
+    spt_sample: str = "random"
+    # Images spt_prompts runs on; 0 = as many as the training split has (the official code).
+    spt_images: int = 0
 
     def __post_init__(self):
         if self.num_tokens < 1:
@@ -80,6 +117,40 @@ class VisualPromptTuning(Method):
             raise ValueError(
                 f"project_dim must be -1 (no projection) or >= 1, got {self.project_dim}"
             )
+        if self.prompt_init not in PROMPT_INITS:
+            raise ValueError(
+                f"unknown prompt_init {self.prompt_init!r}; valid choices: {PROMPT_INITS}"
+            )
+        if self.spt_sample not in SPT_SAMPLES:
+            raise ValueError(
+                f"unknown spt_sample {self.spt_sample!r}; valid choices: {SPT_SAMPLES}"
+            )
+        if self.spt_images < 0:
+            raise ValueError(
+                f"spt_images must be >= 0 (0 = the training split's size), got {self.spt_images}"
+            )
+        if self.prompt_init == "spt" and self.project_dim > 0:
+            raise ValueError(
+                "prompt_init='spt' stores token prototypes at the backbone's width: set "
+                f"project_dim=-1, not {self.project_dim}"
+            )
+        if self.spt_sample != "random" and not self.deep:
+            raise ValueError(
+                f"spt_sample={self.spt_sample!r} pools deep layers' tokens; shallow SPT samples "
+                "patch embeddings at random (spt_sample='random'), as the official code"
+            )
+        if self.spt_sample != "random" and self.num_tokens < 2:
+            raise ValueError(
+                f"spt_sample={self.spt_sample!r} pools in num_tokens - 1 windows: set "
+                f"num_tokens >= 2, not {self.num_tokens}"
+            )
+
+    @property
+    def init_images(self) -> int | None:
+        return self.spt_images if self.prompt_init == "spt" else None
+
+    def init_from_images(self, trained: dict, frozen: dict, images, rng: jax.Array) -> dict:
+        return spt_prompts(self, trained, frozen, images, rng)
 
     @property
     def token_dim(self) -> int:
@@ -130,3 +201,83 @@ class VisualPromptTuning(Method):
             frozen["backbone"], images, prompt_position="after_cls", **{kind: tokens}
         )
         return self.head_logits(params, frozen, features), out
+
+
+def spt_prompts(
+    method: VisualPromptTuning, trained: dict, frozen: dict, images, rng: jax.Array
+) -> dict:
+    """``trained`` with the prompt tokens replaced by SPT prototypes of ``images`` (B, H, W, 3),
+    preprocessed as for training; see the module docstring. The backbone runs on
+    ``SPT_CHUNK`` images at a time and only the chosen prototypes are kept."""
+    images = np.asarray(images)
+    module = method.backbone.module
+    layers = module.depth if method.deep else 1
+    num_patches = (images.shape[1] // module.patch_size) * (images.shape[2] // module.patch_size)
+    per_image = num_patches if method.spt_sample == "random" else method.num_tokens
+    if method.spt_sample != "random" and method.num_tokens - 1 > num_patches:
+        raise ValueError(
+            f"spt_sample={method.spt_sample!r} pools {num_patches} tokens in num_tokens - 1 "
+            f"windows: set num_tokens <= {num_patches + 1}, not {method.num_tokens}"
+        )
+    total = images.shape[0] * per_image
+    if total < method.num_tokens:
+        raise ValueError(
+            f"SPT needs num_tokens={method.num_tokens} distinct prototypes but {images.shape[0]} "
+            f"image(s) give {total} per layer: pass more images"
+        )
+    # Which (image, candidate) each layer's prompt takes: distinct, uniform over all images'.
+    picks = np.stack(
+        [
+            np.asarray(jax.random.choice(key, total, (method.num_tokens,), replace=False))
+            for key in jax.random.split(rng, layers)
+        ]
+    )
+    image_of, candidate_of = np.divmod(picks, per_image)
+    run = jax.jit(functools.partial(_spt_candidates, method))
+    tokens = np.zeros((layers, method.num_tokens, module.hidden_size), np.float32)
+    for start in range(0, images.shape[0], SPT_CHUNK):
+        layer, slot = np.nonzero((image_of >= start) & (image_of < start + SPT_CHUNK))
+        if layer.size:
+            found = np.asarray(run(frozen["backbone"], images[start : start + SPT_CHUNK]))
+            tokens[layer, slot] = found[
+                layer, image_of[layer, slot] - start, candidate_of[layer, slot]
+            ]
+    params = trained["params"]
+    prompter = {**params["prompter"], "tokens": jnp.asarray(tokens if method.deep else tokens[0])}
+    return {**trained, "params": {**params, "prompter": prompter}}
+
+
+def _spt_candidates(method: VisualPromptTuning, backbone_params: dict, images) -> jax.Array:
+    """``(layers, B, C, D)``: each layer's prototype candidates per image, the tokens among
+    which that layer's prompts sit (or their window pools), from the backbone without prompts."""
+    module = method.backbone.module
+    layers = module.depth if method.deep else 1
+    names = {"embedding"} | {f"encoderblock_{i}" for i in range(layers - 1)}
+
+    def wanted(mdl, method_name):
+        return method_name == "__call__" and mdl.name in names
+
+    _, state = module.apply({"params": backbone_params}, images, capture_intermediates=wanted)
+    captured = state["intermediates"]
+    prefix = module.num_prefix_tokens  # CLS and register tokens
+    tokens = [captured["embedding"]["__call__"][0]]  # no CLS, no position embedding yet
+    for i in range(layers - 1):
+        tokens.append(captured["Transformer"][f"encoderblock_{i}"]["__call__"][0][:, prefix:])
+    tokens = jnp.stack(tokens).astype(jnp.float32)
+    if method.spt_sample == "random":
+        return tokens
+    return window_pools(tokens, method.num_tokens, method.spt_sample)
+
+
+def window_pools(tokens: jax.Array, num_tokens: int, sample: str) -> jax.Array:
+    """``(..., L, D)`` -> ``(..., num_tokens, D)``: SPT's official pooling windows (module
+    docstring), ``sample`` ``mean_pooling`` or ``max_pooling``."""
+    pool = jnp.mean if sample == "mean_pooling" else jnp.max
+    length = tokens.shape[-2]
+    window = length // (num_tokens - 1)
+    remain = length % window
+    pools = [
+        pool(tokens[..., i * window : (i + 1) * window, :], axis=-2) for i in range(num_tokens - 1)
+    ]
+    pools.append(pool(tokens[..., -remain:, :], axis=-2))  # remain == 0: the whole sequence
+    return jnp.stack(pools, axis=-2)
