@@ -1,8 +1,13 @@
 """Sweeps run end to end on the offline dataset, and the table aggregates their seeds."""
 
+import csv
 import hashlib
 import json
+import pathlib
 import statistics
+
+import numpy as np
+import pytest
 
 from jprompt.models import backbones
 from jprompt.tools import sweep, tables
@@ -139,3 +144,47 @@ _NATURAL = {
     "vtab/svhn",
     "vtab/sun397",
 }
+
+
+def test_fewshot_sweep_runs_each_shots_and_draw_with_its_seed(tmp_path, capsys):
+    config = f"--config={ROOT / 'configs' / 'zeroshot.py'}:dataset=coop/dtd"  # no sweep()
+    runs = sweep.main([config, "--shots=1,16", "--fewshot_seeds=1,2,3", f"--workdir={tmp_path}"])
+    # CoOp's runs: one seed draws the shots and seeds the training.
+    assert [(r.arg, r.overrides) for r in runs[:3]] == [
+        (f"dataset=coop/dtd,shots=1,fewshot_seed={s}", {"seed": s}) for s in (1, 2, 3)
+    ]
+    assert len(runs) == 6 and runs[5].arg == "dataset=coop/dtd,shots=16,fewshot_seed=3"
+    assert runs[5].workdir == str(
+        tmp_path / "zeroshot.dataset=coop_dtd,shots=16" / "base" / "seed_3"
+    )
+    recorded = json.loads((pathlib.Path(runs[5].workdir) / "run.json").read_text())
+    assert recorded["config"]["dataset"]["train_split"] == "train_16shot_seed3"
+    assert "--config.seed=3 --workdir=" in capsys.readouterr().out.splitlines()[5]
+    with pytest.raises(SystemExit, match="^--fewshot_seeds also seeds the training"):
+        sweep.main([config, "--seeds=0", "--fewshot_seeds=1", f"--workdir={tmp_path}"])
+    with pytest.raises(SystemExit, match=r"^shots=3 is not one of CoOp's \[1, 2, 4, 8, 16\]"):
+        sweep.main([config, "--shots=3", f"--workdir={tmp_path}"])
+
+
+def test_table_gives_fewshot_rows_coops_mean_and_std(tmp_path):
+    tests = {1: [0.40, 0.52, 0.45], 16: [0.60, 0.62, 0.67]}
+    for shots, accuracies in tests.items():
+        for seed, test in zip((1, 2, 3), accuracies, strict=True):
+            workdir = tmp_path / f"shots={shots}" / f"seed_{seed}"
+            workdir.mkdir(parents=True)
+            config = {"method": {"name": "vp"}, "dataset": {"preset": "coop/dtd", "shots": shots}}
+            arg = f"dataset=coop/dtd,shots={shots},fewshot_seed={seed}"
+            run = {"arg": arg, "overrides": {"seed": seed}, "config": config}
+            results = {"backbone": "clip_b32", "val": {"accuracy": 0.5}, "test": {"accuracy": test}}
+            (workdir / "run.json").write_text(json.dumps(run))
+            (workdir / "results.json").write_text(json.dumps(results))
+    text = tables.main([str(tmp_path), "--format=csv"])
+    rows = list(csv.reader(text.strip().splitlines()[1:]))
+    assert [row[3:5] for row in rows] == [
+        ["dataset=coop/dtd,shots=1", "3"],
+        ["dataset=coop/dtd,shots=16", "3"],
+    ]
+    for row, shots in zip(rows, (1, 16), strict=True):
+        percent = 100 * np.array(tests[shots])
+        assert row[6] == f"{percent.mean():.2f} ± {percent.std(ddof=0):.2f}"  # CoOp's np.std
+        assert row[7] == "yes"  # each number of shots has its own selection

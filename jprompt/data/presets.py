@@ -16,7 +16,8 @@ Groups:
   ``train``), and the task's full test split. ``trainval`` is ``train800val200``, the final
   training set once lr / wd were chosen on ``val200``.
 - CoOp's splits (``coop/<name>``): the ``split_zhou_*.json`` files of CoOp, when the user has
-  CoOp's dataset folders (``builders.CoopSplit``).
+  CoOp's dataset folders (``builders.CoopSplit``), with CoOp's few-shot draws of them
+  (``jprompt.data.fewshot``; ``FEWSHOT_PRESETS``).
 - PGN's protocol (``pgn_preset``, ``PGN_DATASETS``): its 12 datasets as PGN's code reads them,
   CoOp's split files with train and val merged, its own RESISC45 split (``pgn/resisc45``,
   ``builders.PgnSplit``), the whole train split of CIFAR, SVHN and CLEVR, and its class names.
@@ -73,6 +74,11 @@ class Preset:
     eval_crop: str = "resize"
     flip: bool = False
     download: str = ""  # what tfds cannot fetch by itself, and where to put it
+
+    @property
+    def has_fewshot_draws(self) -> bool:
+        """Whether the builder prepares CoOp's few-shot draws (``jprompt.data.fewshot``)."""
+        return self.tfds_name.split("/")[0] in (COOP_SPLIT, PGN_SPLIT)
 
     @property
     def tfds_spec(self) -> str:
@@ -450,6 +456,7 @@ PRESETS = {
 VTAB_TASKS = tuple(p.name for p in _VTAB_PRESETS)
 FGVC_TASKS = tuple(p.name for p in _FGVC_PRESETS)
 VP_DATASETS = tuple(p.name for p in _VP_PRESETS)
+FEWSHOT_PRESETS = tuple(p.name for p in PRESETS.values() if p.has_fewshot_draws)
 GROUPS = ("vp", "vtab-natural", "vtab-specialized", "vtab-structured", "fgvc", "coop", "demo")
 _PREFIXES = ("vtab/", "fgvc/", "coop/", "pgn/")
 

@@ -5,12 +5,15 @@ r"""Collect a sweep's ``results.json`` files into a table, beside the papers' nu
     python -m jprompt.tools.tables /tmp/vtab_sweep --test_selected   # + the optimistic column
 
 One row per setting (a ``jprompt.tools.sweep`` run without its seed): top-1 accuracy in percent as
-mean ± sample standard deviation over its seeds, on the validation split and on the test split.
-Per method, dataset and backbone the setting with the best mean validation accuracy is marked
-``selected``: the honest number. ``--test_selected`` adds, clearly labelled, the setting that is
-best on test (what the official VP and PGN code report). A second table averages the selected
-test accuracies over each benchmark group (VTAB natural / specialized / structured, FGVC) when
-the sweep covers all its datasets, as VPT reports them.
+mean ± sample standard deviation (ddof=1) over its seeds, on the validation split and on the test
+split. A row of CoOp's few-shot protocol (``shots=K``, its seeds the few-shot seeds 1, 2, 3) gives
+the population standard deviation (ddof=0) instead, as CoOp's parse_test_res.py (``np.std``;
+the CoOp paper prints the mean alone). Per method, dataset, backbone and shots the setting
+with the best mean validation accuracy is marked ``selected``: the honest number.
+``--test_selected`` adds, clearly labelled, the setting that is best on test (what the official
+VP and PGN code report). A second table averages the selected test accuracies over each
+benchmark group (VTAB natural / specialized / structured, FGVC; per number of shots) when the
+sweep covers all its datasets, as VPT reports them.
 
 A paper's number is printed beside a row only when every run of the row followed that paper's
 protocol (``jprompt.train.protocols``: the protocol card in its results.json has no difference from
@@ -45,22 +48,26 @@ class Row:
     val: list[float]
     test: list[float]
     cards: list[dict | None] = dataclasses.field(default_factory=list)
+    shots: int = 0  # CoOp's few-shot draw; 0: the full training split
     selected: bool = False
     test_selected: bool = False
 
     @property
     def key(self):
-        return (self.method, self.dataset, self.backbone)
+        return (self.method, self.dataset, self.backbone, self.shots)
+
+    def format(self, values: list[float]) -> str:
+        """``mean ± std`` of ``values``: ddof 0 for a few-shot row, as CoOp's, else 1."""
+        mean, std = mean_std(values, ddof=0 if self.shots else 1)
+        return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _format(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+def mean_std(values: list[float], ddof: int = 1) -> tuple[float, float]:
+    """Mean and standard deviation with ``ddof`` 1 (sample) or 0 (population); 0 for one value."""
+    if len(values) < 2:
+        return statistics.fmean(values), 0.0
+    std = statistics.stdev(values) if ddof else statistics.pstdev(values)
+    return statistics.fmean(values), std
 
 
 def collect(root) -> list[Row]:
@@ -75,15 +82,17 @@ def collect(root) -> list[Row]:
             run = json.loads(run_file.read_text())
             config = run["config"]
             overrides = {k: v for k, v in run["overrides"].items() if k != "seed"}
-            setting = ",".join(
-                filter(None, [run["arg"]] + [f"{k}={v}" for k, v in overrides.items()])
-            )
+            # The few-shot seed is a seed: its runs are one setting.
+            arg = [i for i in run["arg"].split(",") if not i.startswith("fewshot_seed=")]
+            setting = ",".join(filter(None, arg + [f"{k}={v}" for k, v in overrides.items()]))
             method, dataset = paper_results.method_label(config), config["dataset"]["preset"]
+            shots = config["dataset"].get("shots", 0)  # run.json files from before few-shot
         else:  # a run made without jprompt.tools.sweep: its directory names the setting
             setting = str(path.parent.parent.relative_to(root))
             method, dataset = results["method"], results["dataset"]
+            shots = (results.get("protocol", {}).get("card") or {}).get("dataset.shots", 0)
         key = (method, dataset, results["backbone"], setting)
-        row = groups.setdefault(key, Row(*key, val=[], test=[]))
+        row = groups.setdefault(key, Row(*key, val=[], test=[], shots=shots))
         row.val.append(100 * results["val"]["accuracy"])
         row.test.append(100 * results["test"]["accuracy"])
         row.cards.append(results.get("protocol", {}).get("card"))
@@ -136,7 +145,7 @@ def run_table(rows: list[Row], test_selected: bool) -> list[list[str]]:
     table = [header + ["paper"]]
     for r in sorted(rows, key=lambda r: (r.dataset, r.method, r.backbone, r.setting)):
         line = [r.method, r.dataset, r.backbone, r.setting or "default", str(len(r.test))]
-        line += [_format(r.val), _format(r.test), "yes" if r.selected else ""]
+        line += [r.format(r.val), r.format(r.test), "yes" if r.selected else ""]
         if test_selected:
             line.append("yes" if r.test_selected else "")
         table.append(line + [_paper(r.method, r.dataset, [r])])
@@ -153,12 +162,13 @@ def group_table(rows: list[Row]) -> list[list[str]]:
     for r in rows:
         if r.selected and r.dataset in presets.PRESETS:
             group = presets.PRESETS[r.dataset].group
-            selected[(r.method, group, r.backbone)][r.dataset] = r
-    for (method, group, backbone), by_dataset in sorted(selected.items()):
+            selected[(r.method, group, r.backbone, r.shots)][r.dataset] = r
+    for (method, group, backbone, shots), by_dataset in sorted(selected.items()):
         if group in ("vp", "demo") or set(by_dataset) != members[group]:
             continue  # VP/PGN report datasets one by one; a partial group has no mean
         mean = statistics.fmean(mean_std(r.test)[0] for r in by_dataset.values())
-        table.append([method, group, backbone, str(len(by_dataset)), f"{mean:.2f}"])
+        benchmark = f"{group}, {shots}-shot" if shots else group
+        table.append([method, benchmark, backbone, str(len(by_dataset)), f"{mean:.2f}"])
         table[-1].append(_paper(method, group, list(by_dataset.values())))
     return table if len(table) > 1 else []
 
