@@ -167,6 +167,18 @@ def test_missing_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
     )
 
 
+def test_a_method_option_the_method_refuses_fails_in_one_line(shapes_data_dir):
+    from jprompt.train import trainer
+
+    config = load("vpt.py:demo", **{"method.spt_sample": "max_pooling"})
+    with pytest.raises(InputError) as error:
+        trainer.create_experiment(helpers.shrink(config, shapes_data_dir))
+    assert one_line_error(error) == (
+        "config.method: spt_sample='max_pooling' pools deep layers' tokens; shallow SPT samples "
+        "patch embeddings at random (spt_sample='random'), as the official code"
+    )
+
+
 def main(*args, timeout=300):
     """``python -m jprompt.main ARGS``, as a user runs it."""
     command = [sys.executable, "-m", "jprompt.main", *map(str, args)]

@@ -42,6 +42,10 @@ DOCUMENTED_ARGS = {
         "backbone=clip_b32",
         "demo,backbone=clip_b32,deep",
         "backbone=clip_b16,head=linear",
+        "spt",
+        "deep,spt,spt_sample=max_pooling",
+        "backbone=dinov2_b14_reg",
+        "deep,spt,backbone=mae_b16,dataset=vtab/dtd",
     ],
     "adavipro.py": [
         "",
@@ -67,10 +71,14 @@ DOCUMENTED_ARGS = {
         "backbone=vit_b32",
         "demo,backbone=vit_b32",
         "head=linear",
+        "backbone=mocov3_b16",
     ],
     "linear_probe.py": ["", "demo", "backbone=vit_s16", "dataset=cifar10", "backbone=clip_b32"],
     "finetune.py": ["", "demo", "backbone=vit_ti16", "dataset=cifar10", "backbone=clip_b32"],
     "pretrain_tiny.py": ["", "epochs=3", "backbone=clip_tiny4"],
+    "evp.py": ["", "demo", "demo,backbone=vit_b16", "backbone=vit_b16", "prompt_size=20"],
+    "lor_vp.py": ["", "demo", "demo,backbone=clip_b32", "rank=8,dataset=cifar10", "head=zeroshot"],
+    "vfpt.py": ["", "demo", "demo,deep", "deep,fourier=1.0", "fourier_dims=sequence", "spt"],
     "zeroshot.py": [
         "",
         "demo",
@@ -110,7 +118,10 @@ def test_config_builds_method_and_optimizer(file, arg):
         assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINTS[module_config.name]
     elif is_clip:
         assert config.backbone.checkpoint == f"~/jprompt_models/{module_config.name}.npz"
-    elif file == "vpt.py" and module_config.name in protocols.VPT_CHECKPOINTS:
+    elif module_config.name in backbones.TORCH_VITS:  # the released .pth, as downloaded
+        file_name = backbones.TORCH_VIT_FILES[module_config.name]
+        assert config.backbone.checkpoint == f"~/jprompt_models/{file_name}"
+    elif file in ("vpt.py", "vfpt.py") and module_config.name in protocols.VPT_CHECKPOINTS:
         # VPT's backbones load the original IN-21k files VPT's code loads.
         assert config.backbone.checkpoint.startswith("gs://vit_models/imagenet21k/")
     else:
@@ -118,6 +129,8 @@ def test_config_builds_method_and_optimizer(file, arg):
     # Build the real method on the real backbone module, abstractly (no weights allocated).
     if is_clip:
         module = clip.image_tower(module_config.name)
+    elif module_config.name in backbones.TORCH_VITS:
+        module = backbones.torch_vit_module(module_config.name, pool=module_config.pool)
     else:
         module = backbones.vit.create(module_config.name, num_classes=0, pool=module_config.pool)
     backbone = backbones.Backbone(module_config.name, module, config.input.image_size, "x")

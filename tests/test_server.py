@@ -23,6 +23,8 @@ from jprompt.deploy import client, server
 from jprompt.errors import InputError
 from jprompt.methods import vp
 from jprompt.models import backbones, vit
+from jprompt.train import checkpoint, config_lib
+from jprompt.train.workdir import CONFIG_FILE
 
 SIZE, PATCH, NUM_CLASSES = 32, 8, 3
 LIMITS = server.Limits(max_body_bytes=4096, max_extra_rows=2, read_timeout_s=5.0)
@@ -216,6 +218,40 @@ def test_export_refuses_a_wrong_workdir_and_writes_nothing(tmp_path):
         assert str(raised.value) == message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing made, nothing written
     assert not any(empty.iterdir())
+
+
+def test_export_refuses_a_run_trained_with_another_config(tmp_path):
+    trained_with = helpers.load_config("pgn.py", "demo,deployable")
+    (tmp_path / checkpoint.BEST_DIR).mkdir()
+    (tmp_path / CONFIG_FILE).write_text(config_lib.to_json(trained_with))
+    config = helpers.load_config("pgn.py", "demo,deployable,num_tokens=4")
+    out = tmp_path / "client.npz"
+    with pytest.raises(InputError) as raised:
+        cli.export(config, tmp_path, out)
+    assert str(raised.value) == (
+        f"{tmp_path} was trained with another config ({tmp_path / 'config.json'}): "
+        f"method.num_tokens: {trained_with.method.num_tokens} -> 4. Pass the --config it was "
+        "trained with"
+    )
+    assert not out.exists()
+
+
+def test_export_command_prints_one_line_for_a_bad_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jprompt.deploy", "--mode=export", f"--workdir={tmp_path}"]
+        + ["--config=configs/pgn.py:demo,num_tokenz=4", f"--client_file={tmp_path / 'c.npz'}"],
+        capture_output=True,
+        text=True,
+        cwd=helpers.ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "unknown config arg 'num_tokenz'; valid args: ['backbone', 'baseline', 'dataset', 'demo', "
+        "'deployable', 'fewshot_seed', 'head', 'library_size', 'num_tokens', 'shots']"
+    )
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_export_refuses_a_run_that_is_not_a_deployable_pgn(tmp_path, monkeypatch):

@@ -17,10 +17,10 @@ import urllib.error
 
 from absl import app, flags, logging
 from etils import epath
-from ml_collections import config_flags
 
 from jprompt.deploy import client, server
 from jprompt.errors import InputError
+from jprompt.train import config_lib
 
 REQUIRED = {
     "export": ("config", "workdir", "client_file"),
@@ -90,6 +90,16 @@ def classify(client_file, image_file, url: str, prompted_out=None) -> str:
     return f"{answer['class_name']} (class {top}, p = {answer['probabilities'][top]:.3f})"
 
 
+def load_config(spec: str):
+    """The config ``--config=spec`` names (a file and its args, as for ``jprompt.main``)."""
+    try:
+        config = config_lib.load(spec)
+        config_lib.validate(config)
+    except ValueError as error:  # the file, its args or a field rejected the input
+        raise InputError(str(error)) from None
+    return config
+
+
 def _check_folder(path) -> None:
     """Before any work: the folder an output file goes to exists (none is created)."""
     if not epath.Path(path).parent.is_dir():
@@ -113,10 +123,10 @@ def main(argv):
         raise SystemExit(f"--mode={args.mode} needs {', '.join(missing)}")
     try:
         if args.mode == "export":
-            export(args.config, args.workdir, args.client_file)
+            export(load_config(args.config), args.workdir, args.client_file)
         elif args.mode == "serve":
             limits = server.Limits(args.max_body_bytes, args.max_extra_rows, args.read_timeout_s)
-            serve(args.config, args.workdir, args.port, limits)
+            serve(load_config(args.config), args.workdir, args.port, limits)
         else:
             print(classify(args.client_file, args.image, args.url, args.prompted_out))
     except InputError as error:  # bad input, named with its fix
@@ -126,7 +136,9 @@ def main(argv):
 if __name__ == "__main__":
     # Defined only when run, so that importing this module (the tests do) defines no flags.
     flags.DEFINE_enum("mode", None, list(REQUIRED), "What to run.")
-    config_flags.DEFINE_config_file("config", None, "Config of the trained run.")
+    flags.DEFINE_string(
+        "config", None, "Config file and args of the trained run, e.g. configs/pgn.py:demo."
+    )
     flags.DEFINE_string("workdir", None, "Work directory of the trained run.")
     flags.DEFINE_string("client_file", None, "The exported client .npz.")
     flags.DEFINE_integer("port", 8000, "serve: port on 127.0.0.1.")

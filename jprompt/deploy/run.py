@@ -5,6 +5,8 @@ PGN client, the served model with the dataset's class names, and test images as 
 sends them. This side loads the trainer and TensorFlow; ``client.py`` needs neither.
 """
 
+import json
+
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -13,7 +15,8 @@ from jprompt.data import label_maps, pipeline
 from jprompt.deploy.client import ClientModel, at_model_size
 from jprompt.deploy.server import ServedModel
 from jprompt.errors import InputError
-from jprompt.train import trainer
+from jprompt.train import checkpoint, config_lib, trainer
+from jprompt.train.workdir import CONFIG_FILE, differences, listing
 
 
 def restore(config, workdir) -> tuple[trainer.Experiment, dict]:
@@ -25,15 +28,30 @@ def restore(config, workdir) -> tuple[trainer.Experiment, dict]:
             "python -m jprompt.main"
         )
     # The checkpoint managers create their folders: look first, so a wrong workdir stays as is.
-    if not (workdir / "best").is_dir():
+    if not (workdir / checkpoint.BEST_DIR).is_dir():
         raise InputError(
             f"{workdir} holds no trained checkpoint: train it first with python -m jprompt.main "
             f"--config=... --workdir={workdir}"
         )
+    _check_trained_config(config, workdir)
     try:
         return trainer.restore_best(config, workdir)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
+
+
+def _check_trained_config(config, workdir: epath.Path) -> None:
+    """The run in ``workdir`` was trained with ``config``: a state restored into another model
+    would fail late with shape errors or, worse, load and answer wrongly."""
+    saved = workdir / CONFIG_FILE
+    if not saved.exists():
+        return
+    found = differences(json.loads(saved.read_text()), json.loads(config_lib.to_json(config)))
+    if found:
+        raise InputError(
+            f"{workdir} was trained with another config ({saved}): {listing(found)}. Pass the "
+            "--config it was trained with"
+        )
 
 
 def export_client(experiment: trainer.Experiment, trained: dict) -> ClientModel:

@@ -28,6 +28,8 @@ from jprompt.train import distributed
 STATE = "state"
 CONFIG = "config"
 METRICS = "metrics"
+LATEST_DIR = "checkpoints"  # under the workdir
+BEST_DIR = "best"
 
 
 class Checkpoints:
@@ -36,12 +38,12 @@ class Checkpoints:
     def __init__(self, workdir: str | epath.Path, *, max_to_keep: int = 2):
         workdir = epath.Path(workdir)
         self._latest = ocp.CheckpointManager(
-            workdir / "checkpoints",
+            workdir / LATEST_DIR,
             options=_options("latest", max_to_keep),
             item_names=(STATE, CONFIG),
         )
         self._best = ocp.CheckpointManager(
-            workdir / "best", options=_options("best", 1), item_names=(STATE, CONFIG, METRICS)
+            workdir / BEST_DIR, options=_options("best", 1), item_names=(STATE, CONFIG, METRICS)
         )
 
     def latest_step(self) -> int | None:

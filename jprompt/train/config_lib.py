@@ -2,7 +2,8 @@
 
 A config file is chosen as ``--config=configs/vp.py:backbone=vit_s16,dataset=cifar10,demo``: the
 text after ``:`` is a comma-separated list of ``key=value`` pairs and bare flags, parsed here
-against the defaults the config file declares. Single fields are overridden afterwards with
+against the defaults the config file declares, and the args every config with a ``dataset``
+takes (``COMMON_ARGS``: CoOp's few-shot draw). Single fields are overridden afterwards with
 ``--config.optim.lr=0.1``; the configs are locked, so a misspelt field fails. ``validate`` checks
 the values before any work starts. Bad input fails with an ``InputError``: one line naming the
 problem and the fix.
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
-from jprompt.data import presets
+from jprompt.data import fewshot, presets
 from jprompt.errors import InputError, MissingFileError
 from jprompt.models import backbones
 from jprompt.train import optim, protocols
@@ -45,6 +46,10 @@ ORIGINAL_IN21K = "gs://vit_models/imagenet21k/"
 CLIP_CHECKPOINT_DIR = "~/jprompt_models"
 RELEASED_CLIP = ("clip_b32", "clip_b16", "clip_l14")  # OpenAI's ViT-B-32.pt, ViT-B-16.pt, ...
 CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in RELEASED_CLIP})
+# DINOv2, MAE and MoCo-v3 load their released .pth files as downloaded, from the same directory.
+CHECKPOINTS.update(
+    {name: f"{CLIP_CHECKPOINT_DIR}/{file}" for name, file in backbones.TORCH_VIT_FILES.items()}
+)
 
 # The offline demos: tiny backbones pretrained on the procedural ``shapes`` task (shipped with
 # the package, made by ``python -m jprompt.tools.pretrain_demo``) adapted to the ``colors`` task,
@@ -75,14 +80,23 @@ def demo_pixel_prompt(backbone: str) -> tuple[int, float]:
     return (8, 10.0) if is_clip(backbone) else (4, 1.0)
 
 
+# Args of every config that takes a ``dataset``: ``shots=K,fewshot_seed=S`` trains on CoOp's
+# K-shot draw with seed S of a CoOp split-file preset (jprompt.data.fewshot); 0 shots: the full
+# splits.
+COMMON_ARGS = {"shots": 0, "fewshot_seed": 1}
+
+
 def parse_arg(arg: str | None, **defaults) -> ConfigDict:
-    """Parse ``"key=value,flag"`` against ``defaults``, converting values to the default's type.
+    """Parse ``"key=value,flag"`` against ``defaults`` (with ``COMMON_ARGS`` where there is a
+    ``dataset``), converting values to the default's type.
 
     A bare ``flag`` sets a boolean default to True. Unknown keys fail listing the valid ones, and
     so does an unknown ``backbone``. With ``demo`` set, ``backbone`` becomes the tiny backbone of
     its family and ``dataset``, unless given, ``DEMO_DATASET`` (``base_config`` rejects a dataset
     the demo cannot use).
     """
+    if "dataset" in defaults:
+        defaults = COMMON_ARGS | defaults
     args = dict(defaults)
     given = set()
     for item in filter(None, (arg or "").split(",")):
@@ -166,12 +180,36 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
-def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
+def check_fewshot(dataset: str, shots: int, seed: int) -> None:
+    """``shots``/``fewshot_seed`` name one of CoOp's draws, of a dataset that has them."""
+    problem = fewshot.problem(shots, seed)
+    if problem:
+        raise InputError(f"{problem}: set the config arg to one of them")
+    if shots and not presets.get(dataset).has_fewshot_draws:
+        raise InputError(
+            f"shots={shots} draws from CoOp's split files, and dataset={dataset!r} has none: "
+            f"use one of {list(presets.FEWSHOT_PRESETS)}, or drop shots"
+        )
+
+
+def use_fewshot(config: ConfigDict) -> None:
+    """Point the train and validation splits at the few-shot draw ``config.dataset`` names (after
+    anything that sets the splits, such as a protocol)."""
+    data = config.dataset
+    if data.shots:
+        for field in ("train_split", "val_split"):
+            data[field] = fewshot.fewshot_split(data[field], data.shots, data.fewshot_seed)
+
+
+def base_config(
+    *, backbone: str, dataset: str, demo: bool, shots: int = 0, fewshot_seed: int = 1
+) -> ConfigDict:
     """Fields every run has; each config file fills in its method and recipe."""
     if demo:
         check_demo_dataset(dataset)
         if backbone not in DEMO_CHECKPOINTS:
             raise InputError(f"demo runs the backbones {list(DEMO_CHECKPOINTS)}, not {backbone!r}")
+    check_fewshot(dataset, shots, fewshot_seed)
     config = ConfigDict()
     config.seed = 0
     # Continue an unfinished workdir whose saved config differs, on purpose (jprompt.train.workdir).
@@ -194,8 +232,12 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
             # A mixture's (dataset=mix/...) training order: proportional | uniform
             # (jprompt.data.mixture_name.SAMPLINGS); a single dataset ignores it.
             sampling="proportional",
+            # CoOp's few-shot draw (COMMON_ARGS): images per class (0 = the full splits), seed
+            shots=shots,
+            fewshot_seed=fewshot_seed,
         )
     )
+    use_fewshot(config)
     # Also report the accuracy of the state that is best on the test split, labelled as such:
     # the official VP and PGN code select on test. Never used for model selection.
     config.report_test_selected = False
@@ -228,8 +270,11 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
     config.method = ConfigDict()
     config.head = ConfigDict(
         dict(
-            # linear (trains) | zeroshot (CLIP's frozen text classifier, the CLIP default)
+            # linear (trains) | zeroshot (CLIP's frozen text classifier, the CLIP default) |
+            # a label mapping onto a ViT checkpoint's own classifier: first_c (VP's), random,
+            # frequency, fully_connected (jprompt.methods.label_mapping)
             name="zeroshot" if is_clip(backbone) else "linear",
+            sources_per_class=1,  # label mappings: source classes averaged per target class
             # zeroshot: () = the dataset's own class names (the preset's, where it has them)
             class_names=preset.class_names if isinstance(preset.class_names, tuple) else (),
             templates=preset.templates,  # zeroshot
@@ -268,7 +313,13 @@ def base_config(*, backbone: str, dataset: str, demo: bool) -> ConfigDict:
 def config_for_args(args: ConfigDict) -> ConfigDict:
     """``base_config`` for parsed ``backbone``/``dataset``/``demo`` (and optional ``head``) args
     (``parse_arg`` has resolved what ``demo`` fixes)."""
-    config = base_config(backbone=args.backbone, dataset=args.dataset, demo=args.demo)
+    config = base_config(
+        backbone=args.backbone,
+        dataset=args.dataset,
+        demo=args.demo,
+        shots=args.shots,
+        fewshot_seed=args.fewshot_seed,
+    )
     if args.get("head"):
         config.head.name = args.head
     return config
@@ -289,6 +340,7 @@ def apply_protocol(config: ConfigDict, name: str) -> ConfigDict:
                 config.backbone.checkpoint = _checkpoint_path(value)
         elif field != "backbone.name" and field not in protocol.chosen_per_run:
             set_field(config, field, value)
+    use_fewshot(config)  # a few-shot run trains on the draw of the protocol's splits
     return config
 
 
@@ -363,6 +415,17 @@ def validate(config: ConfigDict) -> None:
         if config[field] < 1:
             raise InputError(f"{field}={config[field]} is not positive; set --config.{field} >= 1")
     optim.validate(config.optim)
+    data = config.dataset
+    check_fewshot(data.preset, data.shots, data.fewshot_seed)
+    for field in ("train_split", "val_split") if data.shots else ():
+        drawn = fewshot.fewshot_split(data[field], data.shots, data.fewshot_seed)
+        if data[field] != drawn:
+            raise InputError(
+                f"dataset.{field}={data[field]!r} does not read the draw {drawn!r} of "
+                f"dataset.shots={data.shots}, dataset.fewshot_seed={data.fewshot_seed}: set "
+                "them as config args (configs/FILE.py:...,shots=K,fewshot_seed=S), which set "
+                "the splits"
+            )
 
 
 def lock(config: ConfigDict) -> ConfigDict:

@@ -29,13 +29,17 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from jprompt import methods
 from jprompt.data import mixture, mixture_name, pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
-from jprompt.methods import heads
+from jprompt.errors import InputError
+from jprompt.methods import heads, label_mapping
 from jprompt.methods.base import Method
 from jprompt.models import backbones
 from jprompt.train import (
@@ -255,31 +259,44 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
 
     root = jax.random.PRNGKey(config.seed)
     backbone_rng, init_rng, train_rng, eval_rng = jax.random.split(root, 4)
+    mapped = config.head.name in label_mapping.MAPPINGS
     backbone, backbone_params = backbones.build(
-        config.backbone, image_size=config.input.image_size, rng=backbone_rng
+        config.backbone, image_size=config.input.image_size, rng=backbone_rng, source_head=mapped
     )
     if config.input.normalization:
         # A protocol that feeds a checkpoint other pixels than it was trained on (VPT: ImageNet
         # mean/std into vit_jax weights): the method, pictures and prompt inversion follow it.
         backbone = dataclasses.replace(backbone, normalization=config.input.normalization)
     method_options = {k: v for k, v in config.method.items() if k != "name"}
-    method = methods.build(
-        config.method.name,
-        backbone=backbone,
-        num_classes=train_info.num_classes,
-        zeroshot=build_zeroshot_head(config, backbone, train_info.class_names),
-        **method_options,
+    zeroshot = build_zeroshot_head(config, backbone, train_info.class_names)
+    mapping = (
+        build_label_mapping(config, backbone, train_info.num_classes, init_rng) if mapped else None
     )
+    try:
+        method = methods.build(
+            config.method.name,
+            backbone=backbone,
+            num_classes=train_info.num_classes,
+            zeroshot=zeroshot,
+            label_mapping=mapping,
+            **method_options,
+        )
+    except ValueError as error:  # an option the method refuses, named by its own check
+        raise InputError(f"config.method: {error}") from None
     cache = method.caches_features
     trained, frozen = method.init(init_rng, backbone_params)
     tx, schedules = optim.build(
         config.optim, trained["params"], total_steps=total_steps, steps_per_epoch=steps_per_epoch
     )
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "trained": trained,
-        "opt_state": tx.init(trained["params"]),
-    }
+
+    def initial_state(trained):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "trained": trained,
+            "opt_state": tx.init(trained["params"]),
+        }
+
+    state = initial_state(trained)
     replicated = sharding.replicated(mesh)
     spec = preprocess_spec(config.input, backbone)
     if cache:
@@ -309,6 +326,14 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             make_eval_step(step_method), out_shardings=replicated, compiler_options=options
         ),
     )
+    if method.init_images is not None:  # a data-dependent init (VPT's SPT prototypes)
+        images = _first_training_images(experiment, method.init_images or train_info.num_examples)
+        trained = method.init_from_images(
+            trained, experiment.frozen, images, jax.random.fold_in(init_rng, 1)
+        )
+        experiment.state = jax.device_put(initial_state(trained), replicated)
+    if mapped and method.label_mapping.remaps_at(0):  # frequency: counted before step 0
+        experiment.frozen = _remap_by_frequency(experiment)
     if cache:
         forward = jax.jit(
             lambda frozen, images: method.features(frozen, images)[0],
@@ -321,6 +346,69 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             num_batches=experiment.num_eval_batches,
         )
     return experiment
+
+
+def build_label_mapping(config: ConfigDict, backbone, num_classes: int, rng: jax.Array):
+    """The label mapping ``config.head.name`` onto ``backbone.source_head``; ``frequency``
+    starts from ``first_c`` until ``_remap_by_frequency`` counts."""
+    if config.head.name in UNRUN_MAPPINGS:
+        raise InputError(
+            f"head={config.head.name} is not run by the trainer yet (jprompt.methods.label_mapping "
+            "has its functions); choose one of "
+            f"{[m for m in label_mapping.MAPPINGS if m not in UNRUN_MAPPINGS]}"
+        )
+    return label_mapping.build(
+        config.head.name,
+        num_source=backbone.source_head["kernel"].shape[-1],
+        num_classes=num_classes,
+        per_class=config.head.sources_per_class,
+        rng=jax.random.fold_in(rng, 2),
+    )
+
+
+def _remap_by_frequency(experiment: Experiment) -> dict:
+    """``experiment.frozen`` with the mapping ILM-VP's and AutoVP's frequency mapping choose: the
+    greedy assignment on how often each target label is predicted as each source class by the
+    untrained prompted model, over one epoch of training batches (training transform, as their
+    train loaders)."""
+    method, mesh = experiment.method, experiment.mesh
+
+    def count(trained, frozen, batch):
+        _, aux = method.apply(trained, frozen, batch["image"], rng=experiment.eval_rng)
+        logits = label_mapping.source_logits(frozen, aux["features"])
+        return label_mapping.count_matrix(
+            logits, batch["label"], method.num_classes, batch.get("mask")
+        )
+
+    count = jax.jit(count, out_shardings=sharding.replicated(mesh))
+    batches = experiment.train_batches()
+    counts = sum(
+        np.asarray(
+            count(
+                experiment.state["trained"],
+                experiment.frozen,
+                sharding.to_global_batch(next(batches), mesh),
+            )
+        )
+        for _ in range(experiment.steps_per_epoch)
+    )
+    index = label_mapping.greedy_assignment(counts, experiment.config.head.sources_per_class)
+    frozen = label_mapping.remap(experiment.frozen, index)
+    return jax.device_put(frozen, sharding.frozen_shardings(frozen, mesh))
+
+
+def _first_training_images(experiment: Experiment, count: int) -> np.ndarray:
+    """The first ``count`` images the training iterator yields, as numpy, the same on every
+    process (each reads its own share; they are gathered), padding left out."""
+    batches = experiment.train_batches()
+    found, have = [], 0
+    while have < count:
+        batch = next(batches)
+        mask = batch.get("mask", np.ones(len(batch["image"]), np.float32))
+        images, mask = multihost_utils.process_allgather((batch["image"], mask), tiled=True)
+        found.append(np.asarray(images)[np.asarray(mask) > 0])
+        have += len(found[-1])
+    return np.concatenate(found)[:count]
 
 
 def preprocess_spec(inputs: ConfigDict, backbone) -> PreprocessSpec:
@@ -337,7 +425,10 @@ def preprocess_spec(inputs: ConfigDict, backbone) -> PreprocessSpec:
     )
 
 
-HEADS = ("linear", "zeroshot")
+HEADS = ("linear", "zeroshot", *label_mapping.MAPPINGS)
+# Need what the trainer does not yet do: re-counting during training (resumable only with the
+# mapping in the checkpoint), and the source classes' names for the text similarity.
+UNRUN_MAPPINGS = ("iterative", "semantic")
 SELECTIONS = ("val", "last")
 
 
@@ -345,7 +436,7 @@ def build_zeroshot_head(config: ConfigDict, backbone, class_names):
     """The frozen zero-shot head when ``config.head.name == "zeroshot"``, else None."""
     if config.head.name not in HEADS:
         raise ValueError(f"unknown head {config.head.name!r}; valid choices: {HEADS}")
-    if config.head.name == "linear":
+    if config.head.name != "zeroshot":
         return None
     preset = presets.get(config.dataset.preset)
     return heads.build_zeroshot_head(
@@ -490,18 +581,30 @@ def train_and_evaluate(
                     "; ".join(changes),
                 )
         writer = events.Writer(workdir, enabled=is_main)
+        run = _Run(experiment, workdir, checkpoints, writer, config_json, is_main)
         try:
             with _StopSignals() as stop:
-                return _run(
-                    experiment, workdir, checkpoints, writer, config_json, max_steps, is_main, stop
-                )
+                return _train(run, max_steps, stop)
         finally:
             checkpoints.wait()
             checkpoints.close()
             writer.close()
 
 
-def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_main, stop) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every phase of one ``train_and_evaluate`` call shares."""
+
+    experiment: Experiment
+    workdir: epath.Path
+    checkpoints: checkpoint.Checkpoints
+    writer: events.Writer
+    config_json: str
+    is_main: bool  # process 0: writes the files every process computed
+
+
+def _train(run: _Run, max_steps: int | None, stop: _StopSignals) -> dict:
+    experiment, checkpoints = run.experiment, run.checkpoints
     config = experiment.config
     replicated = sharding.replicated(experiment.mesh)
     state = experiment.state
@@ -512,7 +615,7 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
     start_step = int(state["step"])
     total = experiment.total_steps
     if total == 0:
-        return _evaluate_untrained(experiment, state, workdir, writer, is_main)
+        return _evaluate_untrained(run, state)
     end_step = total if max_steps is None else min(total, start_step + max_steps)
 
     best = checkpoints.best_metrics()
@@ -545,31 +648,27 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
         epoch_end = step % experiment.steps_per_epoch == 0
         train = val = None
         if step % config.log_every_steps == 0 or epoch_end or step == end_step:
-            train = _write_train_metrics(
-                experiment, train_metrics, step, writer, checkpoints, report
-            )
+            train = _write_train_metrics(run, train_metrics, step, report)
             train_metrics = None
         if epoch_end:
-            val = _validate(experiment, state["trained"], step, writer, workdir, is_main)
+            val = _validate(run, state["trained"], step)
         if train or val:
             report.log(step, train, val)
         if epoch_end:
             if val["accuracy"] > best_accuracy:
                 best_accuracy = val["accuracy"]
-                checkpoints.save_best(step, state["trained"], config_json, val)
-            checkpoints.save_latest(step, state, config_json)
+                checkpoints.save_best(step, state["trained"], run.config_json, val)
+            checkpoints.save_latest(step, state, run.config_json)
         # Asked last, so that a signal arriving at any point of this step stops right here.
         stopped = stop.requested()
         if stopped:
             break
     if train_metrics is not None:  # a logging window cut short by a signal: checked, then saved
-        report.log(
-            step, _write_train_metrics(experiment, train_metrics, step, writer, checkpoints, report)
-        )
-    writer.flush()
+        report.log(step, _write_train_metrics(run, train_metrics, step, report))
+    run.writer.flush()
     if stopped or step < total:
         if checkpoints.latest_step() != step:
-            checkpoints.save_latest(step, state, config_json)
+            checkpoints.save_latest(step, state, run.config_json)
         logging.info(
             "Stopped after step %d of %d (%s) with a checkpoint; rerun with the same workdir to "
             "resume",
@@ -584,49 +683,53 @@ def _run(experiment, workdir, checkpoints, writer, config_json, max_steps, is_ma
     checkpoints.wait()
     if config.selection == "last":  # the validation split was trained on (VPT's trainval)
         val = experiment.evaluate(state["trained"], config.dataset.val_split)
-        return _finish(experiment, state, state["trained"], step, val, workdir, writer, is_main)
+        return _finish(run, state, state["trained"], step, val)
     best_step, best_val = checkpoints.best_metrics()
     best_trained = checkpoints.restore_best(checkpoint.abstract_like(state["trained"], replicated))
-    return _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main)
+    return _finish(run, state, best_trained, best_step, best_val)
 
 
-def _validate(experiment, trained, step, writer, workdir, is_main) -> dict[str, float]:
+def _validate(run: _Run, trained, step: int) -> dict[str, float]:
     """The end of an epoch: validation metrics, pictures and the per-epoch test record."""
+    experiment = run.experiment
     config = experiment.config
     batches = iter(experiment.eval_batches(config.dataset.val_split))
     first_batch = next(batches)  # its images are drawn: read once, as the pass reads them
     val = experiment.evaluate(
         trained, config.dataset.val_split, itertools.chain([first_batch], batches)
     )
-    writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
-    if is_main and experiment.method.has_pictures:
-        _write_pictures(experiment, trained, step, writer, workdir, first_batch["image"])
+    run.writer.write_scalars(step, {f"val_{k}": v for k, v in val.items()})
+    if run.is_main and experiment.method.has_pictures:
+        _write_pictures(run, trained, step, first_batch["image"])
     if config.report_test_selected:
-        _record_test_accuracy(experiment, trained, step, writer, workdir, is_main)
+        _record_test_accuracy(run, trained, step)
     return val
 
 
-def _write_train_metrics(experiment, train_metrics, step, writer, checkpoints, report) -> dict:
+def _write_train_metrics(run: _Run, train_metrics, step: int, report) -> dict:
     """Write the training metrics merged since the last write, failing if the loss is not
     finite; return them."""
     values = {k: float(v) for k, v in train_metrics.compute().items()}
-    _check_finite(values, checkpoints)
-    lrs = {f"lr_{g}": float(s(step)) for g, s in experiment.schedules.items()}
+    _check_finite(values, run.checkpoints)
+    lrs = {f"lr_{g}": float(s(step)) for g, s in run.experiment.schedules.items()}
     rate = report.steps_per_sec(step)
     speed = {} if rate is None else {"steps_per_sec": rate}
-    writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs | speed)
+    run.writer.write_scalars(step, {f"train_{k}": v for k, v in values.items()} | lrs | speed)
     return values
 
 
-def _evaluate_untrained(experiment, state, workdir, writer, is_main) -> dict:
+def _evaluate_untrained(run: _Run, state) -> dict:
     """``num_epochs=0`` (zero-shot evaluation): the initial state is the result."""
+    experiment = run.experiment
     logging.info("num_epochs=0: evaluating %s without training", experiment.config.method.name)
     val = experiment.evaluate(state["trained"], experiment.config.dataset.val_split)
-    return _finish(experiment, state, state["trained"], 0, val, workdir, writer, is_main)
+    return _finish(run, state, state["trained"], 0, val)
 
 
-def _finish(experiment, state, best_trained, best_step, best_val, workdir, writer, is_main):
-    """Evaluate the selected state on the test split and write ``results.json``."""
+def _finish(run: _Run, state, best_trained, best_step: int, best_val: dict) -> dict:
+    """Evaluate the selected state (``best_trained``, from ``best_step``) on the test split and
+    write ``results.json``."""
+    experiment, workdir = run.experiment, run.workdir
     config = experiment.config
     test = experiment.evaluate(best_trained, config.dataset.test_split)
     last_is_selected = best_step == experiment.total_steps
@@ -648,8 +751,8 @@ def _finish(experiment, state, best_trained, best_step, best_val, workdir, write
         "protocol": protocol_report(experiment),
     }
     results |= _mixture_results(experiment, best_trained)
-    writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
-    if is_main:
+    run.writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
+    if run.is_main:
         if (workdir / TEST_EACH_EPOCH_FILE).exists():
             results["test_selected"] = _test_selected(workdir)
         write_json(workdir / RESULTS_FILE, results)
@@ -684,13 +787,13 @@ def protocol_report(experiment) -> dict:
     return report
 
 
-def _record_test_accuracy(experiment, trained, step, writer, workdir, is_main) -> None:
+def _record_test_accuracy(run: _Run, trained, step: int) -> None:
     """``config.report_test_selected``: the test accuracy after this epoch, kept only to report
     the optimistic number that selecting on the test split gives; never used for selection."""
-    test = experiment.evaluate(trained, experiment.config.dataset.test_split)
-    writer.write_scalars(step, {"test_each_epoch_accuracy": test["accuracy"]})
-    if is_main:
-        path = workdir / TEST_EACH_EPOCH_FILE
+    test = run.experiment.evaluate(trained, run.experiment.config.dataset.test_split)
+    run.writer.write_scalars(step, {"test_each_epoch_accuracy": test["accuracy"]})
+    if run.is_main:
+        path = run.workdir / TEST_EACH_EPOCH_FILE
         record = json.loads(path.read_text()) if path.exists() else {}
         record[str(step)] = test["accuracy"]  # a resumed run redoes an epoch identically
         write_json(path, record)
@@ -706,8 +809,9 @@ def _test_selected(workdir) -> dict:
     }
 
 
-def _write_pictures(experiment, trained, step, writer, workdir, images) -> None:
+def _write_pictures(run: _Run, trained, step: int, images) -> None:
     """Prompted validation ``images`` (and masks) to TensorBoard and ``workdir/images``."""
+    experiment = run.experiment
     pictures = visualize.method_pictures(
         experiment.method,
         trained,
@@ -717,9 +821,9 @@ def _write_pictures(experiment, trained, step, writer, workdir, images) -> None:
         normalization=experiment.spec.normalization,
     )
     pictures |= _token_usage_picture(experiment, trained)
-    writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})
+    run.writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})
     for name, picture in pictures.items():
-        visualize.write_png(workdir / "images" / f"{name}_{step}.png", picture)
+        visualize.write_png(run.workdir / "images" / f"{name}_{step}.png", picture)
 
 
 def _token_usage_picture(experiment, trained) -> dict:

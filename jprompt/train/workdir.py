@@ -64,6 +64,14 @@ def differences(saved: dict, current: dict) -> list[str]:
     return lines
 
 
+def listing(found: list[str]) -> str:
+    """``differences`` for a message: the first ``SHOWN_DIFFERENCES``, the rest counted."""
+    listed = "; ".join(found[:SHOWN_DIFFERENCES])
+    if len(found) > SHOWN_DIFFERENCES:
+        listed += f"; and {len(found) - SHOWN_DIFFERENCES} more"
+    return listed
+
+
 def _show(value, absent) -> str:
     return "(absent)" if value is absent else json.dumps(value)
 
@@ -80,9 +88,7 @@ def check_config(
     found = differences(json.loads(path.read_text()), json.loads(config_json))
     if not found or (resume_with_changes and not finished):
         return found
-    listed = "; ".join(found[:SHOWN_DIFFERENCES])
-    if len(found) > SHOWN_DIFFERENCES:
-        listed += f"; and {len(found) - SHOWN_DIFFERENCES} more"
+    listed = listing(found)
     if finished:
         raise InputError(
             f"{workdir} holds a finished run of another config (saved in {path}): {listed}. Its "
