@@ -60,7 +60,14 @@ METHODS = {
     "vpt_deep": ("vpt", {"deep": True}),
     "pgn": ("pgn", {}),
     "linear_probe": ("linear_probe", {}),
+    "evp": ("evp", {}),
+    "lor_vp": ("lor_vp", {}),
+    "vfpt_deep": ("vfpt", {"deep": True}),
 }
+# Timed without a PyTorch reference (torch_reference.py has none of them yet).
+JAX_ONLY = ("evp", "lor_vp", "vfpt_deep")
+# Pixel prompts: the activation gradient reaches the patch embedding.
+PIXEL_PROMPTS = ("vp", "evp", "lor_vp")
 NUM_CLASSES = 100
 MIB = 2**20
 
@@ -144,7 +151,7 @@ def model_flops(module, method: str, batch: int, image_size: int) -> float:
     whose outputs are read (class-token pooling)."""
     d, mlp, depth, patch = module.hidden_size, module.mlp_dim, module.depth, module.patch_size
     patches = (image_size // patch) ** 2
-    extra = {"vpt": 10, "vpt_deep": 10, "pgn": 16}.get(method, 0)
+    extra = {"vpt": 10, "vpt_deep": 10, "vfpt_deep": 10, "pgn": 16}.get(method, 0)
     tokens = patches + 1 + extra
 
     def layer(rows: int) -> tuple[int, int]:
@@ -153,7 +160,7 @@ def model_flops(module, method: str, batch: int, image_size: int) -> float:
         attention = 2 * 2 * rows * tokens * d  # scores and the weighted sum
         return linear, attention
 
-    inner_rows = tokens - extra if method == "vpt_deep" else tokens
+    inner_rows = tokens - extra if method in ("vpt_deep", "vfpt_deep") else tokens
     layers = [layer(inner_rows)] * (depth - 1) + [layer(1)]
     embed = 2 * patches * patch * patch * 3 * d
     forward = embed + sum(linear + attention for linear, attention in layers)
@@ -161,7 +168,7 @@ def model_flops(module, method: str, batch: int, image_size: int) -> float:
         return batch * forward
     # Activation gradients: one matmul per linear layer, two per attention matmul.
     backward = sum(linear + 2 * attention for linear, attention in layers)
-    backward += embed if method == "vp" else 0
+    backward += embed if method in PIXEL_PROMPTS else 0
     return batch * (forward + backward)
 
 
@@ -182,7 +189,7 @@ def build_jax_step(name: str, method: str, batch: int):
     image_size = _IMAGE_SIZE.value
     backbone, params = backbones.build(config, image_size=image_size, rng=jax.random.key(0))
     method_name, options = METHODS[method]
-    if method == "vp":
+    if method in ("vp", "evp"):  # both papers' 30 px frame at 224 px
         options = {"prompt_size": vp_prompt_size()}
     built = methods.build(method_name, backbone=backbone, num_classes=NUM_CLASSES, **options)
     trained, frozen = built.init(jax.random.key(1), params)
@@ -253,7 +260,8 @@ def build_torch_step(module, method: str, batch: int):
 def measure(method: str, name: str, batch: int, matmul) -> Row:
     """One row; the matmul peak is re-measured in every round, between the steps."""
     run, compile_s, mem_mib, module = build_jax_step(name, method, batch)
-    torch_step = build_torch_step(module, method, batch) if _TORCH.value else None
+    with_torch = _TORCH.value and method not in JAX_ONLY
+    torch_step = build_torch_step(module, method, batch) if with_torch else None
     for _ in range(_WARMUP.value):
         jax.block_until_ready(run())
         if torch_step:

@@ -47,6 +47,11 @@ ROWS = (
     Row("PGN", "pgn.py"),
     Row("learned tokens", "pgn.py", "demo,baseline"),
     Row("AdaViPro", "adavipro.py"),
+    Row("EVP", "evp.py"),
+    Row("LoR-VP", "lor_vp.py"),
+    Row("VFPT shallow", "vfpt.py"),
+    Row("VFPT deep", "vfpt.py", "demo,deep"),
+    Row("VPT shallow + SPT init", "vpt.py", "demo,spt"),
 )
 
 

@@ -71,7 +71,14 @@ def _weight_shapes(tree) -> set[tuple[int, ...]]:
 
 
 @pytest.mark.parametrize(
-    "method_name, options", [("vp", {"prompt_size": 4}), ("vpt", {"deep": True})]
+    "method_name, options",
+    [
+        ("vp", {"prompt_size": 4}),
+        ("vpt", {"deep": True}),
+        ("evp", {"prompt_size": 2}),
+        ("lor_vp", {}),
+        ("vfpt", {"deep": True}),
+    ],
 )
 def test_compiled_step_computes_no_backbone_weight_gradient(method_name, options):
     backbone, params = _backbone()

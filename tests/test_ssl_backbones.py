@@ -167,11 +167,9 @@ def test_dinov2_matches_reference_with_resampled_position_embedding(tmp_path, re
     _close(features, want[:, 0])  # pool="tok": the normed CLS token, as DINOv2's forward
 
 
-def test_mae_matches_reference_and_pools_patches(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    spec = backbones.TORCH_VITS["mae_tiny4"]
-    config = transformers.ViTMAEConfig(
+def _vit_config(config_class, spec, **extra):
+    """A transformers ViT config of ``spec``'s shape at ``IMAGE`` px (eps 1e-6, as released)."""
+    return config_class(
         hidden_size=spec.hidden_size,
         num_hidden_layers=spec.depth,
         num_attention_heads=spec.num_heads,
@@ -179,8 +177,15 @@ def test_mae_matches_reference_and_pools_patches(tmp_path):
         image_size=IMAGE,
         patch_size=spec.patch_size,
         layer_norm_eps=1e-6,
-        mask_ratio=0.0,
+        **extra,
     )
+
+
+def test_mae_matches_reference_and_pools_patches(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    spec = backbones.TORCH_VITS["mae_tiny4"]
+    config = _vit_config(transformers.ViTMAEConfig, spec, mask_ratio=0.0)
     model = _perturbed(transformers.ViTMAEModel(config), torch)
     state = _official_names(model.state_dict())
     state["decoder_embed.weight"] = np.zeros((8, spec.hidden_size), np.float32)  # dropped
@@ -202,15 +207,7 @@ def test_mocov3_matches_reference_from_training_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     spec = backbones.TORCH_VITS["mocov3_tiny4"]
-    config = transformers.ViTConfig(
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.depth,
-        num_attention_heads=spec.num_heads,
-        intermediate_size=spec.mlp_dim,
-        image_size=IMAGE,
-        patch_size=spec.patch_size,
-        layer_norm_eps=1e-6,
-    )
+    config = _vit_config(transformers.ViTConfig, spec)
     model = _perturbed(transformers.ViTModel(config), torch)
     state = _official_names(model.state_dict())
     # MoCo v3's main_moco.py file: both encoders, the predictor, the projection head.
@@ -238,3 +235,62 @@ def test_wrong_family_and_missing_key_name_the_file_and_the_key(tmp_path):
     broken = _save(tmp_path, state, torch, "broken.pth")
     with pytest.raises(InputError, match=r"broken\.pth has no 'blocks\.1\.ls2\.gamma'"):
         _jprompt("dinov2_tiny4_reg", broken, np.zeros((1, 3, IMAGE, IMAGE), np.float32))
+
+
+# Every method on each family's layout: DINOv2's registers (prompts after CLS and registers,
+# PGN's at the end), MAE's patch-mean pooling, MoCo v3's CLS.
+SSL_METHODS = {
+    "dinov2_tiny4_reg": ("vp", "vpt", "vpt_deep", "vfpt", "pgn", "adavipro", "lor_vp", "evp"),
+    "mae_tiny4": ("vpt", "vpt_deep", "pgn", "lor_vp"),
+    "mocov3_tiny4": ("vpt_deep", "pgn"),
+}
+OPTIONS = {
+    "vpt_deep": ("vpt", {"deep": True, "num_tokens": 2}),
+    "vpt": ("vpt", {"num_tokens": 2}),
+    "vfpt": ("vfpt", {"deep": True, "num_tokens": 2}),
+    "pgn": ("pgn", {"num_tokens": 2, "library_size": 8}),
+    "evp": ("evp", {"prompt_size": 2}),
+    "vp": ("vp", {"prompt_size": 2}),
+    "adavipro": ("adavipro", {"prompt_size": 2, "region_size": 4}),
+    "lor_vp": ("lor_vp", {}),
+}
+
+
+@pytest.mark.parametrize(
+    "backbone_name,method_name", [(b, m) for b, names in SSL_METHODS.items() for m in names]
+)
+def test_every_method_trains_on_the_self_supervised_layouts(backbone_name, method_name):
+    from jprompt import methods
+
+    config = backbones.default_config(backbone_name, checkpoint="")
+    if backbone_name == "mae_tiny4":
+        config.pool = "gap"
+    backbone, params = backbones.build(config, image_size=IMAGE, rng=jax.random.key(0))
+    name, options = OPTIONS[method_name]
+    # A random head (VPT's init), so that the loss depends on the features at step 0.
+    method = methods.build(name, backbone=backbone, num_classes=3, head_init="vpt", **options)
+    trained, frozen = method.init(jax.random.key(1), params)
+    images = jax.random.normal(jax.random.key(2), (BATCH, IMAGE, IMAGE, 3))
+
+    def loss(params):
+        logits, _ = method.apply(
+            {**trained, "params": params}, frozen, images, rng=jax.random.key(3), train=True
+        )
+        return jax.nn.logsumexp(logits, axis=-1).mean() - logits[:, 0].mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(trained["params"])
+    assert np.isfinite(value)
+    leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(g).all() for g in leaves)
+    # The prompt itself learns, not only the head.
+    prompt = {k: v for k, v in grads.items() if k != "head"}
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(prompt))
+
+
+def test_a_deployable_pgn_refuses_register_tokens():
+    from jprompt import methods
+
+    config = backbones.default_config("dinov2_tiny4_reg", checkpoint="")
+    backbone, _ = backbones.build(config, image_size=IMAGE, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"not verified on backbones with register tokens"):
+        methods.build("pgn", backbone=backbone, num_classes=3, deployable=True)

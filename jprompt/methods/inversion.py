@@ -98,6 +98,12 @@ def check_invertible(module, name: str) -> None:
             f"prompt inversion needs pool='tok', but {name} pools with {module.pool!r}: the "
             "deployed model would average the prompt patches into its features"
         )
+    if getattr(module, "num_registers", 0):
+        raise ValueError(
+            f"prompt inversion is not verified on backbones with register tokens ({name}): "
+            "deploy a PGN trained on one without (e.g. dinov2_b14), or train with "
+            "deployable=False"
+        )
     patch, dim = module.patch_size, module.hidden_size
     if 3 * patch * patch < dim:
         raise ValueError(
