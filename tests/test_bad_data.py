@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jprompt.data import pipeline
+from jprompt.data import pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
 
 NOT_AN_IMAGE = b"these bytes are not an image"
@@ -167,3 +167,21 @@ def test_missing_dataset_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         pipeline.dataset_info("cifar10", "train", data_dir=missing)
     assert str(error.value) == f"dataset directory data_dir={missing!r} does not exist"
+
+
+def test_a_bad_image_of_a_local_folder_is_named_by_its_file(tmp_path):
+    root = tmp_path / "downloads" / "manual" / "nabirds"
+    for split in ("train", "test"):
+        for cls in ("a_finch", "b_wren"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                (root / split / cls / f"{i}.png").write_bytes(png(40 * i).getvalue())
+    (root / "train" / "b_wren" / "1.png").write_bytes(NOT_AN_IMAGE)
+    name = presets.get("fgvc/nabirds").tfds_spec
+    batches = pipeline.eval_iterator(
+        name, "train", global_batch_size=2, spec=SPEC, data_dir=str(tmp_path), process_count=1
+    )
+    with pytest.raises(ValueError) as error:
+        list(batches)
+    message = str(error.value)
+    assert "1 example(s) of " in message and " (b_wren/1.png)" in message

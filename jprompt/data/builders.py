@@ -13,10 +13,12 @@ from jprompt.data import fewshot, presets
 
 
 def _image_label_info(builder) -> tfds.core.DatasetInfo:
-    """An image and a label whose class names the builder sets from the local files."""
+    """An image, a label whose class names the builder sets from the local files, and the
+    image's path in the dataset's folder, by which errors name a bad image."""
     features = {
         "image": tfds.features.Image(shape=(None, None, 3)),
         "label": tfds.features.ClassLabel(num_classes=None),
+        "file_name": tfds.features.Text(),
     }
     return tfds.core.DatasetInfo(builder=builder, features=tfds.features.FeaturesDict(features))
 
@@ -29,8 +31,8 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     builder. Prepared by ``jprompt.data.pipeline.load_builder`` on first use, offline.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Each image's path (file_name)."}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="nabirds", description="NABirds")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the images into <manual_dir>/<config>/train/<class>/ and .../test/<class>/."
@@ -50,7 +52,8 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, directory, classes):
         for label, name in enumerate(classes):
             for path in sorted((directory / name).iterdir()):
-                yield f"{name}/{path.name}", {"image": path, "label": label}
+                key = f"{name}/{path.name}"
+                yield key, {"image": path, "label": label, "file_name": key}
 
 
 class CoopSplit(tfds.core.GeneratorBasedBuilder):
@@ -73,7 +76,8 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
-        "1.1.0": "CoOp's few-shot draws (K = 1, 2, 4, 8, 16; seeds 1, 2, 3) as splits.",
+        "1.1.0": "CoOp's few-shot draws (K = 1, 2, 4, 8, 16; seeds 1, 2, 3) as splits, and each "
+        "image's path in the split file (file_name).",
     }
     FOLDER = "coop"  # under the manual_dir
     DATASETS = presets.COOP_DATASETS
@@ -113,7 +117,7 @@ class CoopSplit(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, image_root, items):
         for path, label, _ in items:
-            yield path, {"image": image_root / path, "label": label}
+            yield path, {"image": image_root / path, "label": label, "file_name": path}
 
 
 class PgnSplit(CoopSplit):

@@ -260,13 +260,14 @@ class Share:
         return _UNDECODABLE[key]
 
     def example_ids(self, positions: Sequence[int]) -> list[str]:
-        """The tfds ids of the examples at ``positions`` (sorted)."""
+        """The tfds ids of the examples at ``positions`` (sorted), each followed by its source
+        file where the dataset records it (jprompt's builders: ``file_name``)."""
         if not positions:
             return []
         wanted = set(positions)
         ds = self._read(add_tfds_id=True).take(max(wanted) + 1)
         ds = ds.filter(lambda position, _: tf.reduce_any(position == list(wanted)))
-        return [ex["tfds_id"].decode() for _, ex in ds.as_numpy_iterator()]
+        return [_example_id(ex) for _, ex in ds.as_numpy_iterator()]
 
     def bad_labels(self) -> list[tuple[int, int]]:
         """(position, label) of the first few examples whose label is out of range."""
@@ -293,6 +294,12 @@ class Share:
             f"{', ...' if len(bad) > len(ids) else ''}. Set skip_undecodable=True "
             "(config.input.skip_undecodable) to leave them out."
         )
+
+
+def _example_id(example: dict) -> str:
+    name = example["tfds_id"].decode()
+    source = example.get("file_name")
+    return name if source is None else f"{name} ({source.decode()})"
 
 
 def open_share(builder, name, split, index, count, label_map, num_classes) -> Share:
