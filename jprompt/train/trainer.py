@@ -91,6 +91,8 @@ class Experiment:
     train_step: Callable
     eval_step: Callable
     features: feature_cache.FeatureCache | None = None
+    # The backbone file's sha256 for the protocol card, taken when it was loaded.
+    checkpoint_sha256: str = ""
 
     def train_batches(self, start_step: int = 0):
         """Host-local training batches, resuming the data order at ``start_step``."""
@@ -325,6 +327,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
         eval_step=jax.jit(
             make_eval_step(step_method), out_shardings=replicated, compiler_options=options
         ),
+        checkpoint_sha256=protocols.file_sha256(config.backbone.checkpoint),
     )
     if method.init_images is not None:  # a data-dependent init (VPT's SPT prototypes)
         images = _first_training_images(experiment, method.init_images or train_info.num_examples)
@@ -776,7 +779,7 @@ def protocol_report(experiment) -> dict:
         config.to_dict(),
         activation=backbones.activation(config.backbone),
         normalization=experiment.spec.normalization,
-        checkpoint_sha256=protocols.file_sha256(config.backbone.checkpoint),
+        checkpoint_sha256=experiment.checkpoint_sha256,
     )
     card["steps_per_epoch"] = experiment.steps_per_epoch
     report = {"name": config.protocol, "card": card}
