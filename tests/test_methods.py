@@ -206,6 +206,7 @@ def test_methods_declare_what_the_trainer_needs():
         "lor_vp": (False, True, False, None),
         "evp": (False, True, False, None),
         "vfpt": (False, False, False, None),
+        "e2vpt": (False, False, False, None),
     }
     spt = methods.build("vpt", backbone=make_backbone(), num_classes=2, prompt_init="spt")
     assert spt.init_images == 0  # 0: as many images as the training split has

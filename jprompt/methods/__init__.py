@@ -20,6 +20,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "lor_vp": ("lor_vp", "LowRankVisualPrompt"),
     "evp": ("evp", "EnhancedVisualPrompt"),
     "vfpt": ("vfpt", "VisualFourierPromptTuning"),
+    "e2vpt": ("e2vpt", "E2VPT"),
 }
 
 

@@ -34,6 +34,10 @@ checkpoint (the frozen backbone) and prompt methods keep their own trainable tre
   computed: those rows give that layer keys and values only).
 - ``pixel_prompt`` (H, W, 3): VP's prompt, added to every image. The output is that of
   ``images + pixel_prompt``; the prompt is embedded once on its own (see ``PatchEmbedding``).
+- ``kv_prompts`` ``(keys, values)``, each (L, B, H, m, D/H), L <= depth: E2VPT's key-value
+  prompts. Layer i < L prepends ``keys[i]`` to its attention's keys and ``values[i]`` to its
+  values, after their projections (so no bias is added to them); its queries are unchanged and
+  so is the sequence every layer outputs. ``None`` leaves every result as without it.
 """
 
 import math
@@ -208,6 +212,8 @@ class MultiHeadDotProductAttention(nn.Module):
     matmul. The explicit weights also take the attention dropout.
     ``causal`` lets each token attend only to itself and earlier tokens (CLIP's text tower).
     ``query_rows`` (static spans) computes the outputs of those rows alone: ``(B, rows, D)``.
+    ``kv_prompts`` ``(keys, values)``, each (B, H, m, D/H), are prepended to the projected keys
+    and values (E2VPT's key-value prompts): every query also attends to these m extra entries.
 
     ``attention="xla"`` or ``"cudnn"`` computes the same through
     ``jax.nn.dot_product_attention`` with that ``implementation`` instead, in its (B, T, H, D/H)
@@ -223,7 +229,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, deterministic: bool, query_rows: Rows | None = None):
+    def __call__(self, x, *, deterministic: bool, query_rows: Rows | None = None, kv_prompts=None):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by {self.num_heads} heads")
@@ -254,6 +260,16 @@ class MultiHeadDotProductAttention(nn.Module):
             q, k, v = project(x, slice(0, 3))
         else:
             (q,), (k, v) = project(take_rows(x, query_rows), slice(0, 1)), project(x, slice(1, 3))
+        if kv_prompts is not None:
+            if self.causal:
+                raise ValueError("kv_prompts have no position in a causal mask")
+            # The (B, H, m, D/H) prompts before the sequence's keys and values, in their layout.
+            axis = 2 if heads_major else 1
+            keys, values = (p.astype(k.dtype) for p in kv_prompts)
+            if not heads_major:
+                keys, values = keys.swapaxes(1, 2), values.swapaxes(1, 2)
+            k = jnp.concatenate([keys, k], axis=axis)
+            v = jnp.concatenate([values, v], axis=axis)
 
         if heads_major:
             y = self._heads_major(q, k, v, query_rows, deterministic)
@@ -306,7 +322,8 @@ class LayerScale(nn.Module):
 
 class Encoder1DBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)); with
-    ``query_rows`` the outputs of those rows alone (all rows still give keys and values).
+    ``query_rows`` the outputs of those rows alone (all rows still give keys and values);
+    ``kv_prompts`` go to the attention (``MultiHeadDotProductAttention``).
     ``layerscale`` multiplies both branches by a ``LayerScale`` before the residual sum (DINOv2).
     """
 
@@ -323,7 +340,7 @@ class Encoder1DBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic: bool, query_rows: Rows | None = None):
+    def __call__(self, x, deterministic: bool, query_rows: Rows | None = None, kv_prompts=None):
         # positional arguments too: nn.remat's static arguments
         norm = dict(epsilon=self.layernorm_epsilon, dtype=self.dtype)
         y = nn.LayerNorm(name="LayerNorm_0", **norm)(x)
@@ -334,7 +351,7 @@ class Encoder1DBlock(nn.Module):
             attention=self.attention,
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_0",
-        )(y, deterministic=deterministic, query_rows=query_rows)
+        )(y, deterministic=deterministic, query_rows=query_rows, kv_prompts=kv_prompts)
         if self.layerscale:
             y = LayerScale(name="LayerScale_0")(y)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -410,7 +427,8 @@ class Encoder(nn.Module):
     token) once the position embedding was added, as DINOv2 does: they carry none.
     ``prompt_start`` is the sequence index where the p prompt tokens go (after the position
     embedding was added and the registers inserted); ``deep_prompts`` overwrite those positions
-    before every layer i >= 1.
+    before every layer i >= 1. ``kv_prompts`` ``(keys, values)``, each (L, B, H, m, D/H), give
+    layer i < L the key-value prompts ``(keys[i], values[i])``.
     ``pre_norm`` adds CLIP's ``ln_pre`` (named ``pre_norm``) after the prompts were inserted, so
     that prompt tokens are normalized with the rest of the sequence, as the PGN code does on CLIP.
     ``remat`` rematerialises every block in the backward pass (``nn.remat``), trading about one
@@ -447,6 +465,7 @@ class Encoder(nn.Module):
         deep_prompts=None,
         prompt_start: int = 0,
         readout_rows: Rows | None = None,
+        kv_prompts=None,
         train: bool,
     ):
         x = AddPositionEmbs(name="posembed_input")(x)
@@ -470,8 +489,14 @@ class Encoder(nn.Module):
         kept = None
         if deep_prompts is not None:
             kept = rows_without(x.shape[1], prompt_start, deep_prompts.shape[2])
+
+        def layer_kv(i):  # layer i's (keys, values), or None
+            if kv_prompts is None or i >= kv_prompts[0].shape[0]:
+                return None
+            return tuple(p[i] for p in kv_prompts)
+
         for i in range(self.depth - 1):
-            x = self._block(block, i)(x, not train, kept)
+            x = self._block(block, i)(x, not train, kept, layer_kv(i))
             if deep_prompts is not None:
                 x = _insert(x, deep_prompts[i + 1].astype(x.dtype), prompt_start)
 
@@ -479,11 +504,13 @@ class Encoder(nn.Module):
         # (a loss on the pooled feature) leaves ``encoded``'s last block unused, and XLA drops
         # it: the last block then computes outputs for the readout rows alone.
         last = self._block(block, self.depth - 1)
+        last_kv = layer_kv(self.depth - 1)
         encoder_norm = nn.LayerNorm(name="encoder_norm", **norm)
-        encoded = encoder_norm(last(x, not train, None))  # nn.remat: every argument positional
+        # nn.remat: every argument positional
+        encoded = encoder_norm(last(x, not train, None, last_kv))
         if readout_rows in (None, ((0, x.shape[1]),)):
             return encoded, encoded
-        return encoded, encoder_norm(last(x, not train, readout_rows))
+        return encoded, encoder_norm(last(x, not train, readout_rows, last_kv))
 
     def _block(self, block: type[nn.Module], index: int) -> nn.Module:
         return block(
@@ -582,6 +609,7 @@ class VisionTransformer(nn.Module):
         prompt_position: str = "after_cls",
         train: bool = False,
         pixel_prompt=None,
+        kv_prompts=None,
     ):
         if self.pool not in POOLS:
             raise ValueError(f"unknown pool {self.pool!r}; valid choices: {POOLS}")
@@ -593,6 +621,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"expected images of shape (B, H, W, 3), got {images.shape}")
         batch = images.shape[0]
         self._check_prompts(prompt_tokens, deep_prompts, batch)
+        if kv_prompts is not None:
+            self._check_kv_prompts(kv_prompts, batch)
         if pixel_prompt is not None:
             _check_shape("pixel_prompt", pixel_prompt.shape, images.shape[1:], "(H, W, 3)")
             pixel_prompt = pixel_prompt.astype(self.dtype)
@@ -650,6 +680,7 @@ class VisionTransformer(nn.Module):
             deep_prompts=deep_prompts,
             prompt_start=prompt_start,
             readout_rows=pooled_rows,
+            kv_prompts=kv_prompts,
             train=train,
         )
         # "gap" is the mean over the patch tokens only: prompts are not part of the image.
@@ -689,6 +720,17 @@ class VisionTransformer(nn.Module):
                 (self.depth, batch, None, self.hidden_size),
                 "(depth, B, p, D)",
             )
+
+    def _check_kv_prompts(self, kv_prompts, batch: int):
+        if len(kv_prompts) != 2:
+            raise ValueError("kv_prompts: expected a pair (keys, values)")
+        expected = (None, batch, self.num_heads, None, self.hidden_size // self.num_heads)
+        for name, prompts in zip(("keys", "values"), kv_prompts, strict=True):
+            _check_shape(f"kv_prompts {name}", prompts.shape, expected, "(L, B, H, m, D/H)")
+            if prompts.shape[0] > self.depth:
+                raise ValueError(
+                    f"kv_prompts {name}: {prompts.shape[0]} layers' prompts for {self.depth} layers"
+                )
 
 
 def _check_shape(name: str, got: tuple, expected: tuple, layout: str):
