@@ -10,7 +10,7 @@ import pytest
 
 from jprompt import methods
 from jprompt.methods.heads import HEAD_INITS, ZeroShotHead
-from jprompt.models import backbones, clip
+from jprompt.models import backbones, clip, siglip
 from jprompt.train import config_lib, optim, protocols
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,6 +46,7 @@ DOCUMENTED_ARGS = {
         "deep,spt,spt_sample=max_pooling",
         "backbone=dinov2_b14_reg",
         "deep,spt,backbone=mae_b16,dataset=vtab/dtd",
+        "deep,backbone=siglip_b16_384",
     ],
     "adavipro.py": [
         "",
@@ -79,6 +80,13 @@ DOCUMENTED_ARGS = {
     "evp.py": ["", "demo", "demo,backbone=vit_b16", "backbone=vit_b16", "prompt_size=20"],
     "lor_vp.py": ["", "demo", "demo,backbone=clip_b32", "rank=8,dataset=cifar10", "head=zeroshot"],
     "vfpt.py": ["", "demo", "demo,deep", "deep,fourier=1.0", "fourier_dims=sequence", "spt"],
+    "e2vpt.py": [
+        "",
+        "demo",
+        "demo,deep=false",
+        "kv_deep=false,share_kv=false",
+        "dataset=vtab/dtd,trainval",
+    ],
     "zeroshot.py": [
         "",
         "demo",
@@ -118,10 +126,13 @@ def test_config_builds_method_and_optimizer(file, arg):
         assert config.backbone.checkpoint == config_lib.DEMO_CHECKPOINTS[module_config.name]
     elif is_clip:
         assert config.backbone.checkpoint == f"~/jprompt_models/{module_config.name}.npz"
-    elif module_config.name in backbones.TORCH_VITS:  # the released .pth, as downloaded
-        file_name = backbones.TORCH_VIT_FILES[module_config.name]
+    elif module_config.name in backbones.TORCH_VITS | backbones.SIGLIP_FILES:  # as downloaded
+        file_name = (backbones.TORCH_VIT_FILES | backbones.SIGLIP_FILES)[module_config.name]
         assert config.backbone.checkpoint == f"~/jprompt_models/{file_name}"
-    elif file in ("vpt.py", "vfpt.py") and module_config.name in protocols.VPT_CHECKPOINTS:
+    elif (
+        file in ("vpt.py", "vfpt.py", "e2vpt.py")
+        and module_config.name in protocols.VPT_CHECKPOINTS
+    ):
         # VPT's backbones load the original IN-21k files VPT's code loads.
         assert config.backbone.checkpoint.startswith("gs://vit_models/imagenet21k/")
     else:
@@ -131,6 +142,8 @@ def test_config_builds_method_and_optimizer(file, arg):
         module = clip.image_tower(module_config.name)
     elif module_config.name in backbones.TORCH_VITS:
         module = backbones.torch_vit_module(module_config.name, pool=module_config.pool)
+    elif module_config.name in siglip.NAMES:
+        module = siglip.image_tower(module_config.name)
     else:
         module = backbones.vit.create(module_config.name, num_classes=0, pool=module_config.pool)
     backbone = backbones.Backbone(module_config.name, module, config.input.image_size, "x")

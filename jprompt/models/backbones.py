@@ -12,7 +12,15 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from jprompt.errors import InputError
-from jprompt.models import clip, clip_checkpoint, torch_vit_checkpoint, vit, vit_checkpoint
+from jprompt.models import (
+    clip,
+    clip_checkpoint,
+    siglip,
+    siglip_checkpoint,
+    torch_vit_checkpoint,
+    vit,
+    vit_checkpoint,
+)
 from jprompt.models.backbone import Backbone, TextEncoder
 
 
@@ -89,7 +97,9 @@ TORCH_VITS: dict[str, TorchViT] = {
 # Where ``config_lib`` expects each released file (``~/jprompt_models/<file>``).
 TORCH_VIT_FILES = {name: spec.file for name, spec in TORCH_VITS.items() if spec.file}
 
-NAMES = vit.NAMES + clip.NAMES + tuple(TORCH_VITS)
+NAMES = vit.NAMES + clip.NAMES + tuple(TORCH_VITS) + siglip.NAMES
+# Where ``config_lib`` expects each released SigLIP file (``~/jprompt_models/<file>``).
+SIGLIP_FILES = {name: spec.file for name, spec in siglip.VARIANTS.items() if spec.file}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # vit_jax and big_vision checkpoints expect pixels in [-1, 1]; CLIP its own mean/std scaling;
@@ -181,6 +191,8 @@ def build(
         backbone, params = _build_clip(config, image_size=image_size, rng=rng)
     elif config.name in TORCH_VITS:
         backbone, params = _build_torch_vit(config, image_size=image_size, rng=rng)
+    elif config.name in siglip.NAMES:
+        backbone, params = _build_siglip(config, image_size=image_size, rng=rng)
     else:
         backbone, params = _build_vit(
             config, image_size=image_size, rng=rng, source_head=source_head
@@ -228,6 +240,40 @@ def _build_vit(config: ConfigDict, *, image_size: int, rng: jax.Array, source_he
         dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
         params = jax.jit(module.init)(rng, dummy)["params"]
     return backbone, params
+
+
+def native_image_size(name: str) -> int:
+    """The image size ``name``'s released weights were trained at: 224, or a SigLIP file's."""
+    return siglip.VARIANTS[name].image_size if name in siglip.VARIANTS else 224
+
+
+def _build_siglip(config: ConfigDict, *, image_size: int, rng: jax.Array):
+    """A SigLIP image tower (no CLS, MAP-pooled) from big_vision's .npz, or random weights."""
+    if config.pool not in ("tok", "map") or config.representation_size:
+        raise InputError(
+            f"{config.name} pools with its MAP head and has no representation layer: leave "
+            "backbone.pool and backbone.representation_size at their defaults (got "
+            f"{config.pool!r}, {config.representation_size})"
+        )
+    module = siglip.image_tower(
+        config.name, dropout_rate=config.dropout_rate, **_module_options(config)
+    )
+    # No _check_image_size: big_vision's VALID patch convolution drops the remainder, as the
+    # patch embedding does (So400m/14 at 384 px).
+    backbone = Backbone(config.name, module, image_size, siglip.NORMALIZATION)
+    if config.checkpoint:
+        logging.info("Loading %s weights from %s", config.name, config.checkpoint)
+        params = siglip_checkpoint.load(config.checkpoint, module, image_size=image_size)
+        return backbone, params
+    file = siglip.VARIANTS[config.name].file
+    logging.warning(
+        "No checkpoint given: %s starts from a RANDOM initialisation; set backbone.checkpoint "
+        "to %s",
+        config.name,
+        siglip.STORAGE + file if file else "(none: a tiny test backbone)",
+    )
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return backbone, jax.jit(module.init)(rng, dummy)["params"]
 
 
 def torch_vit_module(name: str, **overrides) -> vit.VisionTransformer:

@@ -75,7 +75,7 @@ def unflatten(flat: Mapping[str, object]) -> dict:
 
 def load_npz(path) -> dict:
     """The parameter tree stored in the ``.npz`` at ``path``, in vit_jax Linen naming."""
-    return convert(read_npz(_existing(path)))
+    return convert(read_npz(existing(path)))
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
@@ -100,7 +100,7 @@ def read_npz(path) -> dict[str, np.ndarray]:
     return flat
 
 
-def _existing(path) -> str:
+def existing(path) -> str:
     """``path`` with ``~`` expanded, once it is known to exist; a MissingFileError says how to get
     it otherwise."""
     path = os.path.expanduser(os.fspath(path))

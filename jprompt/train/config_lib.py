@@ -46,9 +46,13 @@ ORIGINAL_IN21K = "gs://vit_models/imagenet21k/"
 CLIP_CHECKPOINT_DIR = "~/jprompt_models"
 RELEASED_CLIP = ("clip_b32", "clip_b16", "clip_l14")  # OpenAI's ViT-B-32.pt, ViT-B-16.pt, ...
 CHECKPOINTS.update({name: f"{CLIP_CHECKPOINT_DIR}/{name}.npz" for name in RELEASED_CLIP})
-# DINOv2, MAE and MoCo-v3 load their released .pth files as downloaded, from the same directory.
+# DINOv2, MAE, MoCo-v3 (.pth) and SigLIP (big_vision .npz) load their released files as
+# downloaded, from the same directory.
 CHECKPOINTS.update(
-    {name: f"{CLIP_CHECKPOINT_DIR}/{file}" for name, file in backbones.TORCH_VIT_FILES.items()}
+    {
+        name: f"{CLIP_CHECKPOINT_DIR}/{file}"
+        for name, file in (backbones.TORCH_VIT_FILES | backbones.SIGLIP_FILES).items()
+    }
 )
 
 # The offline demos: tiny backbones pretrained on the procedural ``shapes`` task (shipped with
@@ -246,7 +250,8 @@ def base_config(
     config.selection = "val"
     config.input = ConfigDict(
         dict(
-            image_size=DEMO_IMAGE_SIZE if demo else 224,
+            # SigLIP's files are trained at one resolution each (siglip_b16_384: 384 px).
+            image_size=DEMO_IMAGE_SIZE if demo else backbones.native_image_size(backbone),
             # jprompt.data.preprocess.PreprocessSpec: crops, interpolation, augmentation
             train_crop=preset.train_crop,
             eval_crop=preset.eval_crop,
