@@ -238,8 +238,9 @@ def test_wrong_family_and_missing_key_name_the_file_and_the_key(tmp_path):
 
 
 # Every method on each family's layout: DINOv2's registers (prompts after CLS and registers,
-# PGN's at the end), MAE's patch-mean pooling, MoCo v3's CLS.
-SSL_METHODS = {
+# PGN's at the end), MAE's patch-mean pooling, MoCo v3's CLS, and SigLIP's MAP head without CLS.
+LAYOUT_METHODS = {
+    "siglip_tiny4": ("vp", "vpt", "vpt_deep", "pgn", "e2vpt"),
     "dinov2_tiny4_reg": ("vp", "vpt", "vpt_deep", "vfpt", "pgn", "adavipro", "lor_vp", "evp"),
     "mae_tiny4": ("vpt", "vpt_deep", "pgn", "lor_vp"),
     "mocov3_tiny4": ("vpt_deep", "pgn"),
@@ -253,13 +254,14 @@ OPTIONS = {
     "vp": ("vp", {"prompt_size": 2}),
     "adavipro": ("adavipro", {"prompt_size": 2, "region_size": 4}),
     "lor_vp": ("lor_vp", {}),
+    "e2vpt": ("e2vpt", {"num_tokens": 2, "kv_tokens": 2}),
 }
 
 
 @pytest.mark.parametrize(
-    "backbone_name,method_name", [(b, m) for b, names in SSL_METHODS.items() for m in names]
+    "backbone_name,method_name", [(b, m) for b, names in LAYOUT_METHODS.items() for m in names]
 )
-def test_every_method_trains_on_the_self_supervised_layouts(backbone_name, method_name):
+def test_every_method_trains_on_each_layout(backbone_name, method_name):
     from jprompt import methods
 
     config = backbones.default_config(backbone_name, checkpoint="")
