@@ -52,6 +52,7 @@ ROWS = (
     Row("VFPT shallow", "vfpt.py"),
     Row("VFPT deep", "vfpt.py", "demo,deep"),
     Row("VPT shallow + SPT init", "vpt.py", "demo,spt"),
+    Row("E2VPT", "e2vpt.py"),
 )
 
 
