@@ -5,6 +5,8 @@ shardings the trainer uses (``jprompt.train.sharding.frozen_shardings``,
 ``config.model_axis_size``):
 
     python benchmarks/backbone_memory.py --backbone=vit_g14 --model_axis_sizes=1,2,4,8,16
+    python benchmarks/backbone_memory.py --backbone=dinov2_g14_reg
+    python benchmarks/backbone_memory.py --backbone=siglip_so400m14_384 --image_size=384
 
 Only the frozen weights are counted: activations, the batch and the (small) trainable prompt
 come on top and depend on the method and batch size.
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jprompt.models import backbones, clip, vit
+from jprompt.models import backbones, clip, siglip, vit
 from jprompt.train import sharding
 
 _BACKBONE = flags.DEFINE_enum("backbone", "vit_g14", backbones.NAMES, "backbone name")
@@ -30,8 +32,14 @@ def abstract_params(name: str, image_size: int):
         return jax.eval_shape(lambda r: clip.init_params(name, r, image_size=image_size), rng)[
             "image"
         ]
+    if name in backbones.TORCH_VITS:
+        module = backbones.torch_vit_module(name)
+    elif name in siglip.NAMES:
+        module = siglip.image_tower(name)
+    else:
+        module = vit.create(name)
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(vit.create(name).init, rng, images)["params"]
+    return jax.eval_shape(module.init, rng, images)["params"]
 
 
 def main(argv):
