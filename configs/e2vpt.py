@@ -69,13 +69,7 @@ def get_config(arg=None):
     config.method.rewind = False
     config.method.pruned_tokens = ()
     config.method.pruned_pieces = ()
-    if not args.demo:
-        config.batch_size = BATCH_SIZE
-        config.optim.lr = vpt.BASE_LR * BATCH_SIZE / 256
-    # VPT's data protocol stays (E2VPT's code is VPT's), but the card of protocol "vpt" names
-    # VPT's method and batch: no paper protocol is claimed for E2VPT.
-    config.protocol = ""
-    return config_lib.lock(config)
+    return vpt.locked_successor(config, args, BATCH_SIZE)
 
 
 def sweep(add, arg=None, name="lr_wd"):

@@ -40,13 +40,7 @@ def get_config(arg=None):
     config.method.name = "vfpt"
     config.method.fourier_fraction = args.fourier
     config.method.fourier_dims = args.fourier_dims
-    if not args.demo:
-        config.batch_size = BATCH_SIZE
-        config.optim.lr = vpt.BASE_LR * BATCH_SIZE / 256
-    # VPT's data protocol stays (VFPT's code is VPT's), but the card of protocol "vpt" names
-    # VPT's method and batch: no paper protocol is claimed for VFPT.
-    config.protocol = ""
-    return config_lib.lock(config)
+    return vpt.locked_successor(config, args, BATCH_SIZE)
 
 
 def sweep(add, arg=None, name="lr_wd"):

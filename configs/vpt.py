@@ -145,6 +145,18 @@ def vpt_config(args):
     return config
 
 
+def locked_successor(config, args, batch_size: int):
+    """The locked config of a method built on VPT's code (VFPT, E2VPT): VPT's recipe at that
+    method's ``batch_size`` (lr scaled by batch/256 as VPT's), outside the demo. VPT's data
+    protocol stays, but no paper protocol is claimed: the card of "vpt" names VPT's method and
+    batch."""
+    if not args.demo:
+        config.batch_size = batch_size
+        config.optim.lr = BASE_LR * batch_size / 256
+    config.protocol = ""
+    return config_lib.lock(config)
+
+
 def _trainval_split(preset_name: str) -> str:
     split = presets.get(preset_name).trainval
     if not split:
