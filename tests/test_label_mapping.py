@@ -225,3 +225,25 @@ def test_the_trainer_refuses_a_mapping_it_cannot_run_in_one_line(spec, message, 
     with pytest.raises(InputError) as error:
         trainer.create_experiment(config)
     assert str(error.value) == message
+
+
+def test_the_served_model_keeps_the_label_mapping():
+    from jprompt.deploy.server import ServedModel
+    from jprompt.methods import inversion
+
+    module = vit.create("vit_tiny4")
+    rng = np.random.default_rng(5)
+    source = {
+        "kernel": rng.normal(size=(64, 10)).astype(np.float32),
+        "bias": rng.normal(size=10).astype(np.float32),
+    }
+    backbone = Backbone("vit_tiny4", module, 16, "minus_one_to_one", source_head=source)
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    mapping = label_mapping.build("random", num_source=10, num_classes=3, rng=jax.random.key(1))
+    method = VisualPrompt(backbone, 3, prompt_size=2, label_mapping=mapping)
+    trained, frozen = method.init(jax.random.key(2), params)
+    served = ServedModel.from_trained(backbone, trained, frozen)
+    images = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    features, _ = backbone.features(params, inversion.normalize(images, "minus_one_to_one"))
+    expected = (np.asarray(features) @ source["kernel"] + source["bias"])[:, mapping.index[:, 0]]
+    np.testing.assert_allclose(served.logits(images), expected, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,10 @@ from jprompt.methods import heads, inversion
 from jprompt.models.backbone import Backbone
 
 PREDICT_PATH = "/predict"
+# What a method's trees hold for its head (``jprompt.methods.base``): the served model keeps
+# these beside the backbone and drops the prompt.
+HEAD_PARAMS = ("head", "label_mapping")
+HEAD_FROZEN = ("zeroshot_head", "source_head", "label_mapping")
 
 
 @struct.dataclass
@@ -39,16 +43,18 @@ class ServedModel:
     """The frozen backbone and its head; nothing about PGN."""
 
     params: dict  # the backbone's parameters, as trained with
-    head_params: dict  # {"head": linear head} or {} (as in a method's trained params)
-    head_frozen: dict  # {"zeroshot_head": ...} or {} (as in a method's frozen tree)
+    head_params: dict  # the HEAD_PARAMS entries of a method's trained params
+    head_frozen: dict  # the HEAD_FROZEN entries of a method's frozen tree
     backbone: Backbone = struct.field(pytree_node=False)
     class_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
     def from_trained(cls, backbone: Backbone, trained: dict, frozen: dict, class_names=()):
-        """The head of a method's state: a trained linear head, else the frozen zero-shot one."""
-        head_params = {k: v for k, v in trained["params"].items() if k == "head"}
-        head_frozen = {k: v for k, v in frozen.items() if k == "zeroshot_head"}
+        """The head of a method's state, whichever it is (``jprompt.methods.heads.head_logits``):
+        a trained linear head, the frozen zero-shot one, or a label mapping onto the backbone's
+        own classifier."""
+        head_params = {k: v for k, v in trained["params"].items() if k in HEAD_PARAMS}
+        head_frozen = {k: v for k, v in frozen.items() if k in HEAD_FROZEN}
         return cls(
             jax.device_get(frozen["backbone"]),
             jax.device_get(head_params),
