@@ -47,6 +47,7 @@ DOCUMENTED_ARGS = {
         "backbone=dinov2_b14_reg",
         "deep,spt,backbone=mae_b16,dataset=vtab/dtd",
         "deep,backbone=siglip_b16_384",
+        "backbone=siglip_b16_224,head=zeroshot",
     ],
     "adavipro.py": [
         "",

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jprompt.errors import InputError, MissingFileError
-from jprompt.models import siglip, siglip_checkpoint, siglip_tokenizer
+from jprompt.methods import heads
+from jprompt.models import backbones, siglip, siglip_checkpoint, siglip_tokenizer
 
 NAME = "siglip_tiny4"
 SPEC = siglip.VARIANTS[NAME]
@@ -223,8 +224,8 @@ def test_a_file_without_map_head_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_tokenizer_lowercases_ends_with_eos_and_keeps_it_when_cutting(tmp_path):
-    sentencepiece = pytest.importorskip("sentencepiece")
+def _sentencepiece_model(tmp_path, sentencepiece):
+    """A word-level SentencePiece model trained here, with c4_en's special ids."""
     sentencepiece.SentencePieceTrainer.Train(
         sentence_iterator=iter(["a cat on the mat with a dog"] * 20),
         model_prefix=str(tmp_path / "sp"),
@@ -237,14 +238,51 @@ def test_tokenizer_lowercases_ends_with_eos_and_keeps_it_when_cutting(tmp_path):
         unk_id=2,
         bos_id=-1,
     )
-    reference = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    return tmp_path / "sp.model"
+
+
+def test_tokenizer_lowercases_ends_with_eos_and_keeps_it_when_cutting(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    model_file = _sentencepiece_model(tmp_path, sentencepiece)
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     cat, on, the, mat = (
         reference.PieceToId(f"\u2581{word}") for word in ("cat", "on", "the", "mat")
     )
-    tokenize = siglip_tokenizer.Tokenizer(tmp_path / "sp.model", context_length=4)
+    tokenize = siglip_tokenizer.Tokenizer(model_file, context_length=4)
     np.testing.assert_array_equal(
         tokenize(["Cat", "cat on the mat"]), [[cat, 1, 1, 1], [cat, on, the, 1]]
     )
     with pytest.raises(MissingFileError, match="there is no SentencePiece model") as error:
         siglip_tokenizer.Tokenizer(tmp_path / "none.model", context_length=4)
     assert "\n" not in str(error.value)
+
+
+def test_the_zero_shot_head_reads_the_text_tower_through_the_tokenizer(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sentencepiece = pytest.importorskip("sentencepiece")
+    path = tmp_path / "siglip.npz"
+    _big_vision_npz(_reference(torch, transformers), path)
+    model_file = _sentencepiece_model(tmp_path, sentencepiece)
+    config = backbones.default_config(NAME, checkpoint=str(path), tokenizer=str(model_file))
+    backbone, _ = backbones.build(
+        config, image_size=SPEC.image_size, rng=jax.random.key(0), text=True
+    )
+    head = heads.build_zeroshot_head(
+        backbone.text, ["cat", "dog"], ["a {} on the mat"], backbone_name=NAME
+    )
+    # By hand: the file's text tower on the tokenized prompts, unit-normed; its t as the scale.
+    text = siglip.text_tower(NAME)
+    _, text_params, t, _ = siglip_checkpoint.load_towers(
+        path, siglip.image_tower(NAME), text, image_size=SPEC.image_size
+    )
+    ids = siglip_tokenizer.Tokenizer(model_file, TEXT.context_length)(
+        ["a cat on the mat", "a dog on the mat"]
+    )
+    features = np.array(text.apply({"params": text_params}, ids))
+    features /= np.linalg.norm(features, axis=-1, keepdims=True)
+    np.testing.assert_allclose(head.class_embeddings, features, rtol=1e-5, atol=1e-6)
+    assert head.logit_scale == pytest.approx(t)
+    # Without text=True (a linear head) the backbone carries no text tower.
+    linear, _ = backbones.build(config, image_size=SPEC.image_size, rng=jax.random.key(0))
+    assert linear.text is None

@@ -106,7 +106,7 @@ def class_embeddings(
     for template in templates:
         if template.count("{}") != 1:
             raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
-    tokenizer = clip_tokenizer.load_default()
+    tokenizer = text.tokenizer or clip_tokenizer.load_default()
     prompts = [template.format(name) for name in class_names for template in templates]
     features = text.encode(tokenizer(prompts)).reshape(len(class_names), len(templates), -1)
     features /= np.linalg.norm(features, axis=-1, keepdims=True)
@@ -126,8 +126,8 @@ def build_zeroshot_head(
     ``name_rule``) put into ``templates``; ``text`` is the backbone's text tower."""
     if text is None:
         raise ValueError(
-            f"a zero-shot head needs a backbone with a text tower (a clip_* backbone); "
-            f"{backbone_name} has none. Use head.name='linear' or a CLIP backbone"
+            f"a zero-shot head needs a backbone with a text tower (clip_*, or siglip_* with "
+            f"its tokenizer); {backbone_name} has none. Use head.name='linear' or such a backbone"
         )
     names = [clean_class_name(name, name_rule) for name in class_names]
     logging.info(

@@ -2,8 +2,9 @@
 
 ``Backbone`` pairs a module built without a classification head with the image size it runs at,
 the pixel normalization its weights expect (a ``jprompt.data.normalization`` name, which the
-input pipeline applies) and the width of its features. CLIP backbones also carry their text
-tower (``text``), from which a zero-shot head is computed once; only the image tower's parameters
+input pipeline applies) and the width of its features. CLIP backbones (and SigLIP ones built
+for a zero-shot head) also carry their text tower (``text``), from which a zero-shot head is
+computed once; only the image tower's parameters
 go to the training step. A ViT loaded for a label mapping carries its checkpoint's classifier
 (``source_head``: ``{"kernel": (feature_dim, S), "bias": (S,)}``, e.g. ImageNet's), which the
 method puts in its frozen tree; it is read only when asked for, as it can be large (IN-21k:
@@ -17,7 +18,9 @@ checkpoint, so prompt methods import it without the checkpoint readers. From you
 """
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -28,14 +31,17 @@ TEXT_BATCH_SIZE = 256
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextEncoder:
-    """CLIP's text tower with its parameters and logit scale, for computing zero-shot heads."""
+    """A text tower (CLIP's, or SigLIP's) with its parameters, log logit scale and tokenizer,
+    for computing zero-shot heads."""
 
-    module: clip.TextTransformer
+    module: clip.TextTransformer | nn.Module
     params: dict
     logit_scale: float
+    # ``(texts) -> (T, L)`` token ids; None: CLIP's BPE tokenizer (``clip_tokenizer``).
+    tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None
 
     def encode(self, token_ids: np.ndarray) -> np.ndarray:
-        """``(T, 77)`` token ids -> ``(T, E)`` text features, in batches."""
+        """``(T, L)`` token ids -> ``(T, E)`` text features, in batches."""
         encode = jax.jit(lambda params, ids: self.module.apply({"params": params}, ids))
         parts = [
             np.asarray(encode(self.params, token_ids[i : i + TEXT_BATCH_SIZE]))

@@ -17,6 +17,7 @@ from jprompt.models import (
     clip_checkpoint,
     siglip,
     siglip_checkpoint,
+    siglip_tokenizer,
     torch_vit_checkpoint,
     vit,
     vit_checkpoint,
@@ -133,6 +134,10 @@ def default_config(name: str, **overrides) -> ConfigDict:
             attention="heads_major",
         )
     )
+    if name in siglip.NAMES:
+        # The SentencePiece model of the text tower (zero-shot head only): big_vision's c4_en
+        # for the English WebLI models (gs://t5-data/vocabs/cc_en.32000/sentencepiece.model).
+        config.tokenizer = "~/jprompt_models/sentencepiece.model"
     config.update(overrides)
     return config
 
@@ -147,12 +152,19 @@ def activation(config: ConfigDict) -> str:
 
 
 def build(
-    config: ConfigDict, *, image_size: int, rng: jax.Array, source_head: bool = False
+    config: ConfigDict,
+    *,
+    image_size: int,
+    rng: jax.Array,
+    source_head: bool = False,
+    text: bool = False,
 ) -> tuple[Backbone, dict]:
     """The backbone named by ``config.name`` and its parameters.
 
     ``source_head``: keep the checkpoint's own classifier as ``Backbone.source_head``, for a
-    label mapping (a vit_jax / big_vision ViT file with its head only).
+    label mapping (a vit_jax / big_vision ViT file with its head only). ``text``: a SigLIP
+    backbone also loads its text tower and the SentencePiece model ``config.tokenizer``
+    (``Backbone.text``, for a zero-shot head); CLIP always has its own.
 
     ``config.checkpoint``: an ``.npz`` in vit_jax or big_vision naming (local or ``gs://``), or
     for ``TORCH_VITS`` the family's released ``.pth`` file; the position embedding is resampled
@@ -192,7 +204,7 @@ def build(
     elif config.name in TORCH_VITS:
         backbone, params = _build_torch_vit(config, image_size=image_size, rng=rng)
     elif config.name in siglip.NAMES:
-        backbone, params = _build_siglip(config, image_size=image_size, rng=rng)
+        backbone, params = _build_siglip(config, image_size=image_size, rng=rng, text=text)
     else:
         backbone, params = _build_vit(
             config, image_size=image_size, rng=rng, source_head=source_head
@@ -247,8 +259,11 @@ def native_image_size(name: str) -> int:
     return siglip.VARIANTS[name].image_size if name in siglip.VARIANTS else 224
 
 
-def _build_siglip(config: ConfigDict, *, image_size: int, rng: jax.Array):
-    """A SigLIP image tower (no CLS, MAP-pooled) from big_vision's .npz, or random weights."""
+def _build_siglip(config: ConfigDict, *, image_size: int, rng: jax.Array, text: bool):
+    """A SigLIP image tower (no CLS, MAP-pooled) from big_vision's .npz, or random weights;
+    with ``text`` its text tower too. The zero-shot head is ``exp(t) * cos`` (``t`` as CLIP's
+    logit scale): SigLIP's bias ``b`` shifts every class's logit alike, so it changes neither
+    the softmax nor the prediction and is left out."""
     if config.pool not in ("tok", "map") or config.representation_size:
         raise InputError(
             f"{config.name} pools with its MAP head and has no representation layer: leave "
@@ -261,19 +276,35 @@ def _build_siglip(config: ConfigDict, *, image_size: int, rng: jax.Array):
     # No _check_image_size: big_vision's VALID patch convolution drops the remainder, as the
     # patch embedding does (So400m/14 at 384 px).
     backbone = Backbone(config.name, module, image_size, siglip.NORMALIZATION)
+    text_module = siglip.text_tower(config.name) if text else None
     if config.checkpoint:
         logging.info("Loading %s weights from %s", config.name, config.checkpoint)
-        params = siglip_checkpoint.load(config.checkpoint, module, image_size=image_size)
-        return backbone, params
-    file = siglip.VARIANTS[config.name].file
-    logging.warning(
-        "No checkpoint given: %s starts from a RANDOM initialisation; set backbone.checkpoint "
-        "to %s",
-        config.name,
-        siglip.STORAGE + file if file else "(none: a tiny test backbone)",
+        if not text:
+            params = siglip_checkpoint.load(config.checkpoint, module, image_size=image_size)
+            return backbone, params
+        params, text_params, t, _ = siglip_checkpoint.load_towers(
+            config.checkpoint, module, text_module, image_size=image_size
+        )
+    else:
+        file = siglip.VARIANTS[config.name].file
+        logging.warning(
+            "No checkpoint given: %s starts from a RANDOM initialisation; set "
+            "backbone.checkpoint to %s",
+            config.name,
+            siglip.STORAGE + file if file else "(none: a tiny test backbone)",
+        )
+        image_rng, text_rng = jax.random.split(rng)
+        dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        params = jax.jit(module.init)(image_rng, dummy)["params"]
+        if not text:
+            return backbone, params
+        ids = jnp.zeros((1, siglip.TEXT_VARIANTS[config.name].context_length), jnp.int32)
+        text_params, t = jax.jit(text_module.init)(text_rng, ids)["params"], 0.0
+    tokenizer = siglip_tokenizer.Tokenizer(
+        config.tokenizer, siglip.TEXT_VARIANTS[config.name].context_length
     )
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return backbone, jax.jit(module.init)(rng, dummy)["params"]
+    encoder = TextEncoder(text_module, text_params, t, tokenizer=tokenizer)
+    return dataclasses.replace(backbone, text=encoder), params
 
 
 def torch_vit_module(name: str, **overrides) -> vit.VisionTransformer:

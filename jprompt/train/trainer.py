@@ -263,7 +263,11 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
     backbone_rng, init_rng, train_rng, eval_rng = jax.random.split(root, 4)
     mapped = config.head.name in label_mapping.MAPPINGS
     backbone, backbone_params = backbones.build(
-        config.backbone, image_size=config.input.image_size, rng=backbone_rng, source_head=mapped
+        config.backbone,
+        image_size=config.input.image_size,
+        rng=backbone_rng,
+        source_head=mapped,
+        text=config.head.name == "zeroshot",
     )
     if config.input.normalization:
         # A protocol that feeds a checkpoint other pixels than it was trained on (VPT: ImageNet
