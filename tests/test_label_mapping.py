@@ -169,11 +169,16 @@ def test_loader_keeps_the_source_head(tmp_path):
         vit_checkpoint.load_pretrained_with_head(prelogits, model, image_size=16)
 
 
-def demo_experiment(head, data_dir):
+def demo_config(head, data_dir, **shrink):
     """VP's offline demo on the tiny ViT, whose checkpoint keeps its 10-class head (the shapes
     it was pretrained on), mapped onto the 8 colours."""
     config = helpers.load_config("vp.py", f"demo,backbone=vit_b16,head={head}")
-    experiment = trainer.create_experiment(helpers.shrink(config, data_dir))
+    return helpers.shrink(config, data_dir, **shrink)
+
+
+def demo_experiment(head, data_dir):
+    config = demo_config(head, data_dir)
+    experiment = trainer.create_experiment(config)
     stored = np.load(config.backbone.checkpoint)
     return experiment, stored["head/kernel"], stored["head/bias"]
 
@@ -190,19 +195,106 @@ def test_the_trainer_reads_vps_first_c_off_the_checkpoints_head(shapes_data_dir)
     np.testing.assert_allclose(logits, source[:, :8], rtol=1e-5, atol=1e-5)
 
 
-def test_the_trainer_counts_the_frequency_mapping_before_step_0(shapes_data_dir):
-    experiment, kernel, bias = demo_experiment("frequency", shapes_data_dir)
-    trained, frozen = experiment.state["trained"], experiment.frozen
-    # By hand: (predicted source, label) over the first epoch, with the untrained prompt.
+def counted_by_hand(experiment, trained, epoch, kernel, bias):
+    """(predicted source, label) pairs over ``epoch``'s training batches, and their greedy
+    assignment."""
     counts = np.zeros((10, 8), np.int64)
-    for batch in itertools.islice(experiment.train_batches(), experiment.steps_per_epoch):
-        _, aux = experiment.method.apply(trained, frozen, batch["image"])
+    start = epoch * experiment.steps_per_epoch
+    batches = experiment.train_batches(start_step=start)
+    for batch in itertools.islice(batches, experiment.steps_per_epoch):
+        _, aux = experiment.method.apply(trained, experiment.frozen, batch["image"])
         predicted = np.argmax(np.asarray(aux["features"]) @ kernel + bias, axis=-1)
         np.add.at(counts, (predicted, batch["label"]), 1)
     assert counts.sum() == 256
-    index = np.asarray(frozen["label_mapping"]["index"])
-    np.testing.assert_array_equal(index, label_mapping.greedy_assignment(counts))
-    assert len(set(index[:, 0])) == 8
+    return label_mapping.greedy_assignment(counts)
+
+
+def test_the_trainer_counts_the_frequency_mapping_before_step_0(shapes_data_dir, tmp_path):
+    experiment, kernel, bias = demo_experiment("frequency", shapes_data_dir)
+    expected = counted_by_hand(experiment, experiment.state["trained"], 0, kernel, bias)
+    assert len(set(expected[:, 0])) == 8
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(experiment.config, str(workdir), max_steps=1)
+    recorded = json.loads((workdir / "label_mapping.json").read_text())
+    assert recorded == {"0": expected.tolist()}
+    # Counted once: a resumed run reads it back.
+    trainer.train_and_evaluate(experiment.config, str(workdir))
+    assert json.loads((workdir / "label_mapping.json").read_text()) == recorded
+
+
+def test_the_iterative_mapping_recounts_every_epoch_and_resumes_on_it(shapes_data_dir, tmp_path):
+    config = demo_config("iterative", shapes_data_dir, num_epochs=2)
+    config.optim.lr = 10.0  # so that epoch 0's training changes what the model predicts
+    stored = np.load(config.backbone.checkpoint)
+    kernel, bias = stored["head/kernel"], stored["head/bias"]
+    uninterrupted = trainer.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+
+    workdir = tmp_path / "resumed"
+    trainer.train_and_evaluate(config, str(workdir), max_steps=4)  # the end of epoch 0
+    experiment = trainer.create_experiment(config)
+    checkpoints = trainer.checkpoint.Checkpoints(workdir)
+    try:
+        epoch_0 = checkpoints.restore_latest(experiment.state)["trained"]
+    finally:
+        checkpoints.close()
+    trainer.train_and_evaluate(config, str(workdir), max_steps=2)  # stopped in epoch 1
+    resumed = trainer.train_and_evaluate(config, str(workdir))
+
+    recorded = json.loads((workdir / "label_mapping.json").read_text())
+    first = counted_by_hand(experiment, experiment.state["trained"], 0, kernel, bias)
+    second = counted_by_hand(experiment, epoch_0, 1, kernel, bias)  # by the trained prompt
+    assert recorded == {"0": first.tolist(), "1": second.tolist()}
+    assert second.tolist() != first.tolist()  # so the recount is seen to use the trained prompt
+    assert (tmp_path / "uninterrupted" / "label_mapping.json").read_text() == json.dumps(
+        recorded, indent=2
+    )
+    for key in ("val", "test", "test_last", "best_step"):
+        assert resumed[key] == uninterrupted[key]
+    # The best state is served with the mapping it was validated with.
+    restored, _ = trainer.restore_best(config, workdir)
+    best_epoch = (resumed["best_step"] - 1) // restored.steps_per_epoch
+    np.testing.assert_array_equal(
+        restored.frozen["label_mapping"]["index"], recorded[str(best_epoch)]
+    )
+
+
+def test_the_trainer_maps_by_the_text_similarity_of_the_class_names(shapes_data_dir, tmp_path):
+    """AutoVP's semantic mapping: the source head's names (the tiny ViT's: the 10 shapes it was
+    pretrained on) and the 8 colours, bare, through the tiny CLIP's text tower."""
+    import tensorflow_datasets as tfds
+
+    from jprompt.models import backbones, clip_tokenizer
+    from jprompt.train import config_lib
+
+    def names(dataset):
+        info = tfds.builder(dataset, data_dir=str(shapes_data_dir)).info
+        return info.features["label"].names
+
+    shapes = names("jprompt_shapes/shapes")
+    names_file = tmp_path / "shapes.txt"
+    names_file.write_text("\n".join(shapes) + "\n")
+    config = demo_config("semantic", shapes_data_dir)
+    config.head.source_class_names = str(names_file)
+    experiment = trainer.create_experiment(config)
+
+    clip_config = backbones.default_config(
+        "clip_tiny4", checkpoint=config_lib.DEMO_CHECKPOINTS["clip_tiny4"]
+    )
+    clip, _ = backbones.build(clip_config, image_size=32, rng=jax.random.key(0))
+    tokenize = clip_tokenizer.load_default()
+    colours = [name.lower() for name in names(config.dataset.name)]
+    expected = label_mapping.semantic(
+        clip.text.encode(tokenize(shapes)), clip.text.encode(tokenize(colours))
+    )
+    np.testing.assert_array_equal(experiment.frozen["label_mapping"]["index"], expected)
+
+    names_file.write_text("circle\nsquare\n")
+    with pytest.raises(InputError) as error:
+        trainer.create_experiment(config)
+    assert str(error.value) == (
+        f"head.source_class_names: {names_file} names 2 classes but the source head has 10; "
+        "give one name per line for each of its outputs"
+    )
 
 
 @pytest.mark.parametrize(
@@ -215,8 +307,9 @@ def test_the_trainer_counts_the_frequency_mapping_before_step_0(shapes_data_dir)
         ),
         (
             "demo,backbone=vit_b16,head=semantic",
-            "head=semantic is not run by the trainer yet (jprompt.methods.label_mapping has its "
-            "functions); choose one of ['first_c', 'random', 'frequency', 'fully_connected']",
+            "head=semantic needs the names of the source head's 10 classes: set "
+            "head.source_class_names to a text file with one per line, in the head's order "
+            "(for an ImageNet-1k head, the names AutoVP's IMGNET_CLASSNAME lists)",
         ),
     ],
 )

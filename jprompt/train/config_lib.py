@@ -273,13 +273,20 @@ def base_config(
     checkpoint = DEMO_CHECKPOINTS[backbone] if demo else CHECKPOINTS.get(backbone, "")
     config.backbone = backbones.default_config(backbone, checkpoint=checkpoint)
     config.method = ConfigDict()
+    text_backbone = DEMO_CLIP_BACKBONE if demo else "clip_b32"
     config.head = ConfigDict(
         dict(
             # linear (trains) | zeroshot (CLIP's frozen text classifier, the CLIP default) |
             # a label mapping onto a ViT checkpoint's own classifier: first_c (VP's), random,
-            # frequency, fully_connected (jprompt.methods.label_mapping)
+            # frequency, iterative, semantic, fully_connected (jprompt.methods.label_mapping)
             name="zeroshot" if is_clip(backbone) else "linear",
             sources_per_class=1,  # label mappings: source classes averaged per target class
+            remap_every_epochs=1,  # iterative: ILM-VP's --mapping-interval
+            # semantic (AutoVP's): a file naming the source head's classes, one per line, and
+            # the text tower that embeds them and the dataset's (AutoVP: CLIP ViT-B/32)
+            source_class_names="",
+            text_backbone=text_backbone,
+            text_checkpoint=(DEMO_CHECKPOINTS if demo else CHECKPOINTS)[text_backbone],
             # zeroshot: () = the dataset's own class names (the preset's, where it has them)
             class_names=preset.class_names if isinstance(preset.class_names, tuple) else (),
             templates=preset.templates,  # zeroshot

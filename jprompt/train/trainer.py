@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +39,7 @@ from ml_collections import ConfigDict
 from jprompt import methods
 from jprompt.data import mixture, mixture_name, pipeline, presets
 from jprompt.data.preprocess import PreprocessSpec
-from jprompt.errors import InputError
+from jprompt.errors import InputError, MissingFileError
 from jprompt.methods import heads, label_mapping
 from jprompt.methods.base import Method
 from jprompt.models import backbones
@@ -52,6 +53,7 @@ from jprompt.train import (
     optim,
     progress,
     protocols,
+    remapping,
     sharding,
     visualize,
 )
@@ -276,7 +278,7 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
     method_options = {k: v for k, v in config.method.items() if k != "name"}
     zeroshot = build_zeroshot_head(config, backbone, train_info.class_names)
     mapping = (
-        build_label_mapping(config, backbone, train_info.num_classes, init_rng) if mapped else None
+        build_label_mapping(config, backbone, train_info.class_names, init_rng) if mapped else None
     )
     try:
         method = methods.build(
@@ -339,8 +341,6 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
             trained, experiment.frozen, images, jax.random.fold_in(init_rng, 1)
         )
         experiment.state = jax.device_put(initial_state(trained), replicated)
-    if mapped and method.label_mapping.remaps_at(0):  # frequency: counted before step 0
-        experiment.frozen = _remap_by_frequency(experiment)
     if cache:
         forward = jax.jit(
             lambda frozen, images: method.features(frozen, images)[0],
@@ -355,53 +355,68 @@ def create_experiment(config: ConfigDict, *, devices: Sequence[jax.Device] | Non
     return experiment
 
 
-def build_label_mapping(config: ConfigDict, backbone, num_classes: int, rng: jax.Array):
-    """The label mapping ``config.head.name`` onto ``backbone.source_head``; ``frequency``
-    starts from ``first_c`` until ``_remap_by_frequency`` counts."""
-    if config.head.name in UNRUN_MAPPINGS:
-        raise InputError(
-            f"head={config.head.name} is not run by the trainer yet (jprompt.methods.label_mapping "
-            "has its functions); choose one of "
-            f"{[m for m in label_mapping.MAPPINGS if m not in UNRUN_MAPPINGS]}"
-        )
+def build_label_mapping(config: ConfigDict, backbone, class_names, rng: jax.Array):
+    """The label mapping ``config.head.name`` onto ``backbone.source_head`` for the dataset's
+    ``class_names``; the counted ones start from ``first_c`` until the training loop counts them
+    (``remapping``)."""
+    num_source = backbone.source_head["kernel"].shape[-1]
+    embeddings = {}
+    if config.head.name == "semantic":
+        embeddings = semantic_embeddings(config, num_source, class_names)
     return label_mapping.build(
         config.head.name,
-        num_source=backbone.source_head["kernel"].shape[-1],
-        num_classes=num_classes,
+        num_source=num_source,
+        num_classes=len(class_names),
         per_class=config.head.sources_per_class,
+        interval=config.head.remap_every_epochs,
         rng=jax.random.fold_in(rng, 2),
+        **embeddings,
     )
 
 
-def _remap_by_frequency(experiment: Experiment) -> dict:
-    """``experiment.frozen`` with the mapping ILM-VP's and AutoVP's frequency mapping choose: the
-    greedy assignment on how often each target label is predicted as each source class by the
-    untrained prompted model, over one epoch of training batches (training transform, as their
-    train loaders)."""
-    method, mesh = experiment.method, experiment.mesh
-
-    def count(trained, frozen, batch):
-        _, aux = method.apply(trained, frozen, batch["image"], rng=experiment.eval_rng)
-        logits = label_mapping.source_logits(frozen, aux["features"])
-        return label_mapping.count_matrix(
-            logits, batch["label"], method.num_classes, batch.get("mask")
+def semantic_embeddings(config: ConfigDict, num_source: int, class_names) -> dict:
+    """AutoVP's semantic mapping's inputs: the text features of the source head's class names
+    (``head.source_class_names``, a file) and of the dataset's (cleaned as VP cleans them), bare
+    names without a template, from ``head.text_backbone``'s text tower (AutoVP: CLIP ViT-B/32)."""
+    path = config.head.source_class_names
+    if not path:
+        raise InputError(
+            f"head=semantic needs the names of the source head's {num_source} classes: set "
+            "head.source_class_names to a text file with one per line, in the head's order "
+            "(for an ImageNet-1k head, the names AutoVP's IMGNET_CLASSNAME lists)"
         )
-
-    count = jax.jit(count, out_shardings=sharding.replicated(mesh))
-    batches = experiment.train_batches()
-    counts = sum(
-        np.asarray(
-            count(
-                experiment.state["trained"],
-                experiment.frozen,
-                sharding.to_global_batch(next(batches), mesh),
-            )
+    path = epath.Path(os.path.expanduser(path))
+    if not path.exists():
+        raise MissingFileError(f"head.source_class_names: {path} does not exist")
+    source_names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(source_names) != num_source:
+        raise InputError(
+            f"head.source_class_names: {path} names {len(source_names)} classes but the source "
+            f"head has {num_source}; give one name per line for each of its outputs"
         )
-        for _ in range(experiment.steps_per_epoch)
+    text_config = backbones.default_config(
+        config.head.text_backbone, checkpoint=config.head.text_checkpoint
     )
-    index = label_mapping.greedy_assignment(counts, experiment.config.head.sources_per_class)
-    frozen = label_mapping.remap(experiment.frozen, index)
-    return jax.device_put(frozen, sharding.frozen_shardings(frozen, mesh))
+    text_backbone, _ = backbones.build(
+        text_config,
+        image_size=backbones.native_image_size(text_config.name),
+        rng=jax.random.key(0),
+        text=True,
+    )
+    if text_backbone.text is None:
+        raise InputError(
+            f"head.text_backbone={text_config.name} has no text tower: use a clip_* backbone "
+            "(AutoVP's is clip_b32)"
+        )
+    preset = presets.get(config.dataset.preset)
+    target_names = config.head.class_names or preset.clean_class_names(class_names)
+    bare = ("{}",)
+    return dict(
+        source_embeddings=heads.class_embeddings(text_backbone.text, source_names, bare),
+        target_embeddings=heads.class_embeddings(
+            text_backbone.text, [heads.clean_class_name(n, "vp") for n in target_names], bare
+        ),
+    )
 
 
 def _first_training_images(experiment: Experiment, count: int) -> np.ndarray:
@@ -433,9 +448,6 @@ def preprocess_spec(inputs: ConfigDict, backbone) -> PreprocessSpec:
 
 
 HEADS = ("linear", "zeroshot", *label_mapping.MAPPINGS)
-# Need what the trainer does not yet do: re-counting during training (resumable only with the
-# mapping in the checkpoint), and the source classes' names for the text similarity.
-UNRUN_MAPPINGS = ("iterative", "semantic")
 SELECTIONS = ("val", "last")
 
 
@@ -641,10 +653,13 @@ def _train(run: _Run, max_steps: int | None, stop: _StopSignals) -> dict:
     report = progress.Progress(
         start_step=start_step, total_steps=total, steps_per_epoch=experiment.steps_per_epoch
     )
+    mappings = _resume_mapping(run, start_step)
     batches = experiment.train_batches(start_step) if start_step < end_step else iter(())
     train_metrics = None
     step, stopped = start_step, False
     for step in range(start_step + 1, end_step + 1):
+        if mappings is not None and (step - 1) % experiment.steps_per_epoch == 0:
+            _remap_for_epoch(run, mappings, state["trained"], step)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             batch = sharding.to_global_batch(next(batches), experiment.mesh)
             state, update = experiment.train_step(
@@ -696,6 +711,44 @@ def _train(run: _Run, max_steps: int | None, stop: _StopSignals) -> dict:
     return _finish(run, state, best_trained, best_step, best_val)
 
 
+def _resume_mapping(run: _Run, start_step: int) -> dict | None:
+    """A counted label mapping's history (``remapping``), and ``experiment.frozen`` on the
+    mapping in effect at ``start_step``; None for other heads."""
+    experiment = run.experiment
+    if not remapping.is_counted(experiment.method):
+        return None
+    mappings = remapping.read(run.workdir)
+    if start_step > 0:
+        index = remapping.in_effect(mappings, start_step // experiment.steps_per_epoch)
+        if index is not None:
+            remapping.use(experiment, index)
+    return mappings
+
+
+def _remap_for_epoch(run: _Run, mappings: dict, trained, step: int) -> None:
+    """Before the first ``step`` of an epoch: the mapping that epoch trains with, counted with
+    ``trained`` where the mapping remaps then, and recorded; one recorded before a resume is
+    taken as it is."""
+    experiment = run.experiment
+    epoch = remapping.epoch_of(step, experiment.steps_per_epoch)
+    if epoch in mappings:
+        remapping.use(experiment, mappings[epoch])
+    elif experiment.method.label_mapping.remaps_at(epoch):
+        mappings[epoch] = remapping.count(experiment, trained, epoch)
+        remapping.use(experiment, mappings[epoch])
+        if run.is_main:
+            remapping.record(run.workdir, mappings)
+
+
+def _use_mapping_of_step(experiment: Experiment, workdir, step: int) -> None:
+    """A counted mapping: ``experiment.frozen`` on the one training step ``step`` used."""
+    if remapping.is_counted(experiment.method) and step > 0:
+        epoch = remapping.epoch_of(step, experiment.steps_per_epoch)
+        index = remapping.in_effect(remapping.read(workdir), epoch)
+        if index is not None:
+            remapping.use(experiment, index)
+
+
 def _validate(run: _Run, trained, step: int) -> dict[str, float]:
     """The end of an epoch: validation metrics, pictures and the per-epoch test record."""
     experiment = run.experiment
@@ -729,6 +782,9 @@ def _evaluate_untrained(run: _Run, state) -> dict:
     """``num_epochs=0`` (zero-shot evaluation): the initial state is the result."""
     experiment = run.experiment
     logging.info("num_epochs=0: evaluating %s without training", experiment.config.method.name)
+    mappings = _resume_mapping(run, 0)
+    if mappings is not None:  # e.g. the frequency mapping of the unprompted model
+        _remap_for_epoch(run, mappings, state["trained"], 1)
     val = experiment.evaluate(state["trained"], experiment.config.dataset.val_split)
     return _finish(run, state, state["trained"], 0, val)
 
@@ -738,8 +794,11 @@ def _finish(run: _Run, state, best_trained, best_step: int, best_val: dict) -> d
     write ``results.json``."""
     experiment, workdir = run.experiment, run.workdir
     config = experiment.config
+    _use_mapping_of_step(experiment, workdir, best_step)
     test = experiment.evaluate(best_trained, config.dataset.test_split)
+    mixture_results = _mixture_results(experiment, best_trained)
     last_is_selected = best_step == experiment.total_steps
+    _use_mapping_of_step(experiment, workdir, experiment.total_steps)
     results = {
         "method": config.method.name,
         "backbone": config.backbone.name,
@@ -757,7 +816,7 @@ def _finish(run: _Run, state, best_trained, best_step: int, best_val: dict) -> d
         "frozen_params": _count(experiment.frozen),
         "protocol": protocol_report(experiment),
     }
-    results |= _mixture_results(experiment, best_trained)
+    results |= mixture_results
     run.writer.write_scalars(experiment.total_steps, {f"test_{k}": v for k, v in test.items()})
     if run.is_main:
         if (workdir / TEST_EACH_EPOCH_FILE).exists():
@@ -893,6 +952,7 @@ def restore_best(config: ConfigDict, workdir) -> tuple[Experiment, dict]:
         replicated = sharding.replicated(experiment.mesh)
         abstract = checkpoint.abstract_like(experiment.state["trained"], replicated)
         trained = checkpoints.restore_best(abstract)
+        _use_mapping_of_step(experiment, workdir, checkpoints.best_metrics()[0])
     finally:
         checkpoints.close()
     return experiment, trained
