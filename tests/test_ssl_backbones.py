@@ -20,6 +20,7 @@ with registers), since transformers' ``Dinov2Model`` resizes without the offset.
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,12 +196,45 @@ def test_mae_matches_reference_and_pools_patches(tmp_path):
     patches = (IMAGE // spec.patch_size) ** 2
     noise = torch.arange(patches, dtype=torch.float32).expand(BATCH, patches)  # keeps the order
     with torch.no_grad():
-        want = model(torch.from_numpy(images), noise=noise).last_hidden_state.numpy()
-    _, features, encoded = _jprompt("mae_tiny4", checkpoint, images)
+        out = model(torch.from_numpy(images), noise=noise, output_hidden_states=True)
+    want = out.last_hidden_state.numpy()
+    _, features, encoded = _jprompt("mae_tiny4", checkpoint, images, pool="tok")
     _close(encoded, want)
     _close(features, want[:, 0])
     _, gap, _ = _jprompt("mae_tiny4", checkpoint, images, pool="gap")
     _close(gap, want[:, 1:].mean(axis=1))  # the normed patch tokens' mean, without the CLS
+    # MAE's global_pool (the default): the last block's tokens after the CLS, BEFORE the
+    # pretrained norm, averaged, then a LayerNorm at its init (eps 1e-6).
+    mean = out.hidden_states[-1].numpy()[:, 1:].mean(axis=1)
+    centred = mean - mean.mean(axis=-1, keepdims=True)
+    want_global = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + 1e-6)
+    _, global_pool, _ = _jprompt("mae_tiny4", checkpoint, images)
+    _close(global_pool, want_global)
+
+
+def test_maes_global_pool_averages_the_prompts_too():
+    """VPT's MAE: ``x[:, 1:].mean(1)`` reads the prompt tokens with the patches."""
+    from jprompt import methods
+
+    backbone, params = backbones.build(
+        backbones.default_config("mae_tiny4"), image_size=IMAGE, rng=jax.random.key(0)
+    )
+    vpt = methods.build("vpt", backbone=backbone, num_classes=3, num_tokens=2)
+    trained, frozen = vpt.init(jax.random.key(1), params)
+    images = jax.random.normal(jax.random.key(2), (BATCH, IMAGE, IMAGE, 3))
+    (features, _), state = backbone.module.apply(
+        {"params": params},
+        images,
+        prompt_tokens=jnp.broadcast_to(trained["params"]["prompter"]["tokens"], (BATCH, 2, 32)),
+        capture_intermediates=True,
+    )
+    # The last block's full output (its first call; the second computes the pooled rows).
+    last = state["intermediates"]["Transformer"]["encoderblock_1"]["__call__"][0]
+    mean = np.asarray(last)[:, 1:].mean(axis=1)  # 2 prompts and 16 patches
+    centred = mean - mean.mean(axis=-1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + 1e-6)
+    _close(np.asarray(features), want)
+    _close(np.asarray(vpt.apply(trained, frozen, images)[1]["features"]), want)
 
 
 def test_mocov3_matches_reference_from_training_checkpoint(tmp_path):
@@ -238,7 +272,8 @@ def test_wrong_family_and_missing_key_name_the_file_and_the_key(tmp_path):
 
 
 # Every method on each family's layout: DINOv2's registers (prompts after CLS and registers,
-# PGN's at the end), MAE's patch-mean pooling, MoCo v3's CLS, and SigLIP's MAP head without CLS.
+# PGN's at the end), MAE's global pool (prompts and patches), MoCo v3's CLS, and SigLIP's MAP
+# head without CLS.
 LAYOUT_METHODS = {
     "siglip_tiny4": ("vp", "vpt", "vpt_deep", "pgn", "e2vpt"),
     "dinov2_tiny4_reg": ("vp", "vpt", "vpt_deep", "vfpt", "pgn", "adavipro", "lor_vp", "evp"),
@@ -265,8 +300,6 @@ def test_every_method_trains_on_each_layout(backbone_name, method_name):
     from jprompt import methods
 
     config = backbones.default_config(backbone_name, checkpoint="")
-    if backbone_name == "mae_tiny4":
-        config.pool = "gap"
     backbone, params = backbones.build(config, image_size=IMAGE, rng=jax.random.key(0))
     name, options = OPTIONS[method_name]
     # A random head (VPT's init), so that the loss depends on the features at step 0.

@@ -112,6 +112,13 @@ TORCH_VIT_NORMALIZATION = "imagenet"
 TORCH_VIT_ACTIVATION = "gelu_exact"
 
 
+def default_pool(name: str) -> str:
+    """MAE's ``global_pool`` for ``mae_*`` (VPT's MAE runs, and SPT's after them, pool so);
+    the CLS token for every other backbone."""
+    spec = TORCH_VITS.get(name)
+    return "global_pool" if spec is not None and spec.family == "mae" else "tok"
+
+
 def default_config(name: str, **overrides) -> ConfigDict:
     """``config.backbone`` for ``build``: the backbone ``name`` with default options (random init
     without a ``checkpoint``); ``overrides`` replace any of them."""
@@ -119,7 +126,7 @@ def default_config(name: str, **overrides) -> ConfigDict:
         dict(
             name=name,
             checkpoint="",
-            pool="tok",
+            pool=default_pool(name),  # tok | gap | global_pool (jprompt.models.vit.POOLS)
             dropout_rate=0.0,
             representation_size=0,  # 0 = none; 768 etc. for the original IN-21k ViT files
             # the MLP's, as the checkpoint was trained: "" = the family's (vit_*: gelu_tanh as

@@ -70,7 +70,8 @@ NAMES: tuple[str, ...] = tuple(
     f"vit_{variant}{patch}" for variant in VARIANTS for patch in _patch_sizes(variant)
 )
 
-POOLS = ("tok", "gap")
+# "global_pool" is MAE's (its fine-tuning, and VPT's MAE runs): see VisionTransformer.
+POOLS = ("tok", "gap", "global_pool")
 # The transformer block's MLP: vit_jax's Dense-activation-Dense, or DINOv2's SwiGLU (ViT-g/14).
 FFNS = ("mlp", "swiglu")
 PROMPT_POSITIONS = ("after_cls", "end")
@@ -465,6 +466,7 @@ class Encoder(nn.Module):
         deep_prompts=None,
         prompt_start: int = 0,
         readout_rows: Rows | None = None,
+        norm_readout: bool = True,
         kv_prompts=None,
         train: bool,
     ):
@@ -508,6 +510,8 @@ class Encoder(nn.Module):
         encoder_norm = nn.LayerNorm(name="encoder_norm", **norm)
         # nn.remat: every argument positional
         encoded = encoder_norm(last(x, not train, None, last_kv))
+        if not norm_readout:
+            return encoded, last(x, not train, readout_rows, last_kv)
         if readout_rows in (None, ((0, x.shape[1]),)):
             return encoded, encoded
         return encoded, encoder_norm(last(x, not train, readout_rows, last_kv))
@@ -552,7 +556,10 @@ class VisionTransformer(nn.Module):
     also when pooling the patch mean (MAE's and DINOv2's average pooling). ``num_registers``
     learned ``registers`` (1, R, D) follow the CLS token without position embedding (DINOv2 with
     registers); ``layerscale`` and ``ffn="swiglu"`` are DINOv2's LayerScale and SwiGLU MLP.
-    "gap" pools the patch tokens alone: no CLS, register or prompt token.
+    "gap" pools the patch tokens alone: no CLS, register or prompt token. "global_pool" is
+    MAE's (``models_vit.py``, which VPT's MAE runs use): the mean of every token after the CLS,
+    prompts included, taken BEFORE ``encoder_norm`` and then normalised by MAE's fresh
+    ``fc_norm`` as VPT leaves it, frozen at its init (scale 1, bias 0: no parameters here).
 
     The fields after ``head_bias_init`` make CLIP's image tower out of the same module
     (``jprompt.models.clip.image_tower``): a bias-free patch conv, ``pre_norm`` (ln_pre),
@@ -636,8 +643,8 @@ class VisionTransformer(nn.Module):
         )(images.astype(self.dtype), pixel_prompt)
         num_patches = x.shape[1]
 
-        if self.pool == "tok" and not self.has_class_token:
-            raise ValueError('pool="tok" needs the class token: class_token=False')
+        if self.pool in ("tok", "global_pool") and not self.has_class_token:
+            raise ValueError(f"pool={self.pool!r} needs the class token: class_token=False")
         if self.has_class_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, self.hidden_size), jnp.float32)
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
@@ -653,11 +660,14 @@ class VisionTransformer(nn.Module):
         num_prompts = num_prompts if deep_prompts is None else deep_prompts.shape[2]
         prompt_start = prefix if prompt_position == "after_cls" else prefix + num_patches
 
-        # The rows the pooling reads: the CLS token, or every patch token.
+        # The rows the pooling reads: the CLS token, every patch token, or every token after
+        # the CLS (MAE's ``x[:, 1:]``).
         first_patch = prefix + (num_prompts if prompt_position == "after_cls" else 0)
-        pooled_rows = (
-            ((0, 1),) if self.pool == "tok" else ((first_patch, first_patch + num_patches),)
-        )
+        pooled_rows = {
+            "tok": ((0, 1),),
+            "gap": ((first_patch, first_patch + num_patches),),
+            "global_pool": ((1, prefix + num_prompts + num_patches),),
+        }[self.pool]
         encoded, readout = Encoder(
             depth=self.depth,
             mlp_dim=self.mlp_dim,
@@ -680,11 +690,19 @@ class VisionTransformer(nn.Module):
             deep_prompts=deep_prompts,
             prompt_start=prompt_start,
             readout_rows=pooled_rows,
+            norm_readout=self.pool != "global_pool",
             kv_prompts=kv_prompts,
             train=train,
         )
-        # "gap" is the mean over the patch tokens only: prompts are not part of the image.
-        pooled = readout[:, 0] if self.pool == "tok" else readout.mean(axis=1)
+        if self.pool == "tok":
+            pooled = readout[:, 0]
+        elif self.pool == "gap":  # the patch tokens only: prompts are not part of the image
+            pooled = readout.mean(axis=1)
+        else:  # MAE's fc_norm, frozen at its init in VPT: a LayerNorm without scale or bias
+            norm = nn.LayerNorm(
+                epsilon=self.layernorm_epsilon, use_scale=False, use_bias=False, name="fc_norm"
+            )
+            pooled = norm(readout.mean(axis=1))
 
         if self.representation_size is not None:
             pooled = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(pooled)
