@@ -1,7 +1,8 @@
 """Parity with the OFFICIAL code: LoR-VP's prompted image, EVP's shrunk image under its frame and
-VFPT's Fourier prompt tokens, as the papers' own modules computed them on fixed small inputs
-(tests/fixtures/official_parity.md says how each fixture was made), against jprompt's methods fed
-the same parameters. Nothing here compiles a ViT: only the prompt side runs."""
+VFPT's Fourier prompt tokens and E2VPT's prompted ViT, as the papers' own modules computed them on
+fixed small inputs (tests/fixtures/official_parity.md says how each fixture was made), against
+jprompt's methods fed the same parameters. Only E2VPT's test runs a (tiny) ViT: its prompts act
+inside the attention."""
 
 import pathlib
 
@@ -11,7 +12,7 @@ import pytest
 
 from jprompt import methods
 from jprompt.data import normalization
-from jprompt.models import vit
+from jprompt.models import vit, vit_checkpoint
 from jprompt.models.backbone import Backbone
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -108,3 +109,50 @@ def test_vfpt_prompts_match_the_official_tokens(case):
     prompter_layout(method, prompter)
     got = method.prompts(prompter, official.shape[-3], rng=None, train=False)
     np.testing.assert_allclose(got, official, **TOL)
+
+
+@pytest.mark.parametrize("case", ["deep_shared", "shallow_separate"])
+def test_e2vpt_matches_the_official_prompted_vit(case, tmp_path):
+    # The official PromptedVisionTransformer_Prompt_VK (P_VK) on seeded weights in vit_jax's
+    # naming, with visual prompts, key-value prompts and pruning masks (some zero): its CLS
+    # feature and its whole sequence after encoder_norm. Its blocks compute the exact GELU.
+    data = load("e2vpt")
+    path = tmp_path / "vit.npz"
+    weights = {key.removeprefix("weights/"): v for key, v in data.items() if "weights/" in key}
+    np.savez(path, **weights)  # vit_jax's pre-Linen naming, the official load_from's
+    module = vit.create(
+        "vit_tiny4", hidden_size=32, mlp_dim=64, num_heads=4, activation="gelu_exact"
+    )
+    size = data["image"].shape[1]
+    backbone = Backbone("vit_tiny4", module, size, "minus_one_to_one")
+    kv_names = ("kv",) if f"{case}/kv" in data else ("keys", "values")
+    deep = case.startswith("deep")
+    tokens = data[f"{case}/tokens"]
+    method = methods.build(
+        "e2vpt",
+        backbone=backbone,
+        num_classes=3,
+        num_tokens=tokens.shape[-2],
+        deep=deep,
+        kv_tokens=data[f"{case}/{kv_names[0]}"].shape[-2],
+        kv_deep=deep,
+        share_kv=kv_names == ("kv",),
+        pieces=data[f"{case}/piece_mask"].shape[-1],
+    )
+    prompter = {
+        "tokens": tokens,
+        **{name: data[f"{case}/{name}"] for name in kv_names},
+        "token_mask": data[f"{case}/token_mask"][:, None],  # official (P,), jprompt's (P, 1)
+        "piece_mask": data[f"{case}/piece_mask"],
+    }
+    prompter_layout(method, prompter)
+    # As many as the official code trains (its parameters named "QKV" or "prompt"), head aside.
+    assert vit_checkpoint.count_params(prompter) == data[f"{case}/trainable"]
+    head, head_frozen = method.init_head(jax.random.PRNGKey(0))
+    trained = {"params": {"prompter": prompter, **head}}
+    params = vit_checkpoint.load_pretrained(path, module, image_size=size)
+    frozen = {"backbone": params, **head_frozen}
+    # One compile of the whole forward costs less than running it op by op.
+    _, out = jax.jit(method.apply)(trained, frozen, data["image"])
+    np.testing.assert_allclose(out["features"], data[f"{case}/features"], **TOL)
+    np.testing.assert_allclose(out["encoded"], data[f"{case}/encoded"], **TOL)
