@@ -20,6 +20,13 @@ Args (comma-separated after the file name):
   prompter=NAME   padding (default: the frame), fixed_patch (one P x P patch at the top-left
                   corner) or random_patch (that patch at a random place on every forward pass,
                   evaluation included, as in the official code); see jprompt/methods/vp.py
+  input_scale     AutoVP's learned input scale (padding prompter only; see
+                  jprompt/methods/input_scaling.py): the image, shrunk to S - 2P, is magnified
+                  about the centre by a trainable scale, and the frame (a whole S x S canvas,
+                  masked) covers the border it leaves. P defaults to AutoVP's 128px image in a
+                  224px canvas (48 at 224px, 7 in the demo)
+  init_scale=X    with input_scale: the scale it starts at (default 1.5, AutoVP's demo.py;
+                  within its clamp [0.1, 5])
   demo            offline, on 2 CPU cores: fixes the backbone to a shipped tiny one pretrained
                   on jprompt_shapes/shapes (the tiny CLIP with its frozen zero-shot head by
                   default or with backbone=clip_*, the tiny ViT with a linear head with
@@ -37,10 +44,18 @@ every epoch's last partial batch kept, the last epoch tested, and the official n
 test accuracy over training) reported beside it, labelled. The linear head trained next to the
 prompt on a ViT (see jprompt/methods/vp.py) uses lr 0.1. The demo trains 5 epochs: on the tiny
 CLIP an 8px frame at lr 10, on the tiny ViT a 4px frame at lr 1 and the head at lr 0.1.
+
+With input_scale the scale trains in the prompt's group, at its lr, as in AutoVP, its gradient
+clipped to +-0.001 / 2^16 (config.method.scale_grad_clip: AutoVP's clip_grad_value_ on a loss
+scaled by GradScaler's 2^16), so at lr 40 it moves slowly, as in AutoVP's CLIP runs; its own lr
+goes first in lr_by_path, e.g. --config.optim.lr_by_path='(("prompter/scale", 1.0), ("head/.*",
+0.1))'.
 """
 
 from jprompt.data import presets
-from jprompt.methods.vp import PROMPTERS
+from jprompt.errors import InputError
+from jprompt.methods import input_scaling
+from jprompt.methods.vp import PROMPTERS, check_input_scale
 from jprompt.train import config_lib, protocols
 
 
@@ -52,6 +67,8 @@ def get_config(arg=None):
         dataset="cifar100",
         prompt_size=30,
         prompter="padding",
+        input_scale=False,
+        init_scale=input_scaling.INIT_SCALE,
         demo=False,
     )
     if args.prompter not in PROMPTERS:
@@ -74,6 +91,18 @@ def get_config(arg=None):
         config.num_epochs = 5
     elif config.head.name == "zeroshot" and config.dataset.preset in presets.VP_DATASETS:
         config_lib.apply_protocol(config, "vp")  # the paper's setting: CLIP, zero-shot head
+    if args.input_scale:
+        if args.prompt_size == 30:
+            size = config.input.image_size
+            config.method.prompt_size = input_scaling.autovp_prompt_size(size)
+        check_input_scale(
+            args.prompter, config.method.prompt_size, config.input.image_size, args.init_scale
+        )
+        config.method.input_scale = True
+        config.method.init_scale = args.init_scale
+        config.method.scale_grad_clip = input_scaling.GRAD_CLIP
+    elif args.init_scale != input_scaling.INIT_SCALE:
+        raise InputError(f"init_scale={args.init_scale} needs input_scale: add input_scale")
     return config_lib.lock(config)
 
 

@@ -29,6 +29,10 @@ DOCUMENTED_ARGS = {
         "backbone=vit_b16",
         "demo,backbone=vit_b16",
         "head=linear",
+        "input_scale",
+        "demo,input_scale",
+        "input_scale,init_scale=1.0",
+        "demo,backbone=vit_b16,head=iterative",
     ],
     "vpt.py": [
         "",

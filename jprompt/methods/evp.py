@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from jprompt.data import normalization
 from jprompt.errors import InputError
-from jprompt.methods import vp
+from jprompt.methods import input_scaling, vp
 from jprompt.methods.base import Method
 from jprompt.methods.lor_vp import to_normalized
 
@@ -79,13 +79,10 @@ unit_gradient.defvjp(_unit_gradient_fwd, _unit_gradient_bwd)
 def shrink_and_pad(images: jax.Array, prompt_size: int, normalization_name: str) -> jax.Array:
     """Normalised ``(B, S, S, 3)`` images shrunk to ``S - 2p`` (bicubic, antialiased, clipped to
     the valid pixels) and padded with black (pixel 0) back to ``S``."""
-    batch, size = images.shape[:2]
-    inner = size - 2 * prompt_size
     scale, black = normalization.affine(normalization_name)
-    shrunk = jax.image.resize(images, (batch, inner, inner, 3), "bicubic", antialias=True)
+    shrunk = input_scaling.shrink(images, prompt_size, "bicubic")
     shrunk = jnp.clip(shrunk, black, black + 255.0 * scale).astype(images.dtype)
-    border = ((0, 0), (prompt_size, prompt_size), (prompt_size, prompt_size), (0, 0))
-    return jnp.pad(shrunk - black, border) + black.astype(images.dtype)
+    return input_scaling.pad(shrunk, prompt_size, black.astype(images.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
