@@ -8,6 +8,9 @@ stage (Han et al., ICCV 2023; jprompt.methods.e2vpt).
         --config.method.rewind=true --config.method.pruned_tokens="(1, 4)" \
         --config.method.pruned_pieces="((0,), (3, 9), (), (2,), (5,))" \
         --workdir=/tmp/e2vpt_dtd_rewind         # the second stage: one rewind setting
+    python -m jprompt.tools.e2vpt_prune --workdir=/tmp/e2vpt_dtd \
+        --config=configs/e2vpt.py:dataset=vtab/dtd  # scores + every rewind setting's command
+    python -m jprompt.tools.e2vpt_prune --workdir=/tmp/e2vpt_dtd --select  # after those runs
     python -m jprompt.tools.sweep --config=configs/e2vpt.py:dataset=vtab/dtd --sweep=lr_wd \
         --workdir=/tmp/e2vpt_dtd_sweep          # VPT's 40-point lr x wd grid, as commands
 
@@ -22,11 +25,13 @@ method and batch), with E2VPT's defaults (the official src/configs/config.py), a
   share_kv=false  separate key and value prompts (default one array for both, SHARE_PARAM_KV)
 
 Pruning (jprompt.methods.e2vpt, module docstring): a first run trains the pruning masks with
-the prompts (rewind=False, the default). ``e2vpt.importance_scores`` on its trained state and
-``e2vpt.rewind_grid`` give the official grid of rewind settings (5 token counts x 8 piece counts
-at P=5); each is a run from scratch with ``--config.method.rewind=true`` and that setting's
-``pruned_tokens`` / ``pruned_pieces`` (masks fixed), the same lr and wd. Those two fields hold
-commas, so they are ``--config.method.*`` overrides rather than args.
+the prompts (rewind=False, the default; on train / val, without trainval, as the official
+pruning stage). ``python -m jprompt.tools.e2vpt_prune`` computes the importance scores of its
+trained masks and writes the official grid of rewind settings (5 token counts x 8 piece counts
+at P=5) with one command each: a run from scratch with ``--config.method.rewind=true`` and that
+setting's ``pruned_tokens`` / ``pruned_pieces`` (masks fixed), the rest of the first run's
+config (lr, wd, seed) unchanged; ``--select`` then picks the setting as the official script
+does. Those two fields hold commas, so they are ``--config.method.*`` overrides rather than args.
 
 Recipe from the official code (configs/base-prompt_changed_P_VK.yaml, tune_vtab*.py and the
 commands of tempo_command.txt): VPT's (configs/vpt.py: SGD momentum 0.9, coupled wd, 100 epochs,
