@@ -13,10 +13,12 @@ with ``jprompt.train.compilation``'s options, as the trainer does; random weight
   in the same run by timing a large square matmul of the compute dtype the same way, three
   times in every round of the row (median). Model FLOPs count the
   backbone's matmuls and patch convolution: the forward pass, plus the activation gradients
-  (not weight gradients) wherever a gradient must flow back to the prompt; the PGN generator,
-  the head and elementwise work are not counted, nor are outputs whose result is discarded
-  (VPT-deep's prompt rows before their overwrite, all but the class token in the last block),
-  which jprompt skips;
+  (not weight gradients) wherever a gradient must flow back to the prompt; E2VPT's key-value
+  prompts count as m more keys and values in both attention matmuls of every layer (forward,
+  and both operands' gradients), with no projection FLOPs (they enter already projected); the
+  PGN generator, the head, EVP's shrink, VFPT's FFTs, E2VPT's masks and elementwise work are
+  not counted, nor are outputs whose result is discarded (the deep prompt rows before their
+  overwrite, all but the class token in the last block), which jprompt skips;
 - ``mem_MiB``: from ``compiled.memory_analysis()`` (arguments + temporaries + outputs not
   aliased to donated inputs), on every platform; on GPU also ``device_peak_MiB``, the allocator's
   ``peak_bytes_in_use`` (cumulative over the process, so rows should run smallest first);
@@ -49,6 +51,7 @@ import optax
 from absl import app, flags
 
 from jprompt import methods
+from jprompt.data import normalization
 from jprompt.models import backbones, vit
 from jprompt.train import compilation, host_memory
 from jprompt.train.step import make_train_step
@@ -62,12 +65,17 @@ METHODS = {
     "linear_probe": ("linear_probe", {}),
     "evp": ("evp", {}),
     "lor_vp": ("lor_vp", {}),
+    "e2vpt": ("e2vpt", {}),
+    "vfpt": ("vfpt", {"deep": False}),
     "vfpt_deep": ("vfpt", {"deep": True}),
 }
-# Timed without a PyTorch reference (torch_reference.py has none of them yet).
-JAX_ONLY = ("evp", "lor_vp", "vfpt_deep")
 # Pixel prompts: the activation gradient reaches the patch embedding.
 PIXEL_PROMPTS = ("vp", "evp", "lor_vp")
+# The jprompt defaults of each token method: prompt tokens in the sequence, E2VPT's key-value
+# prompts per layer, and the methods whose prompt rows are overwritten before every layer.
+PROMPT_TOKENS = {"vpt": 10, "vpt_deep": 10, "vfpt": 10, "vfpt_deep": 10, "e2vpt": 5, "pgn": 16}
+KV_TOKENS = {"e2vpt": 5}
+DEEP = ("vpt_deep", "vfpt_deep", "e2vpt")
 NUM_CLASSES = 100
 MIB = 2**20
 
@@ -151,16 +159,17 @@ def model_flops(module, method: str, batch: int, image_size: int) -> float:
     whose outputs are read (class-token pooling)."""
     d, mlp, depth, patch = module.hidden_size, module.mlp_dim, module.depth, module.patch_size
     patches = (image_size // patch) ** 2
-    extra = {"vpt": 10, "vpt_deep": 10, "vfpt_deep": 10, "pgn": 16}.get(method, 0)
+    extra = PROMPT_TOKENS.get(method, 0)
     tokens = patches + 1 + extra
+    keys = tokens + KV_TOKENS.get(method, 0)
 
     def layer(rows: int) -> tuple[int, int]:
         """(linear, attention) FLOPs of a block computing ``rows`` outputs."""
         linear = 2 * (tokens * 2 * d * d + rows * (2 * d * d + 2 * d * mlp))  # k, v; q, out, MLP
-        attention = 2 * 2 * rows * tokens * d  # scores and the weighted sum
+        attention = 2 * 2 * rows * keys * d  # scores and the weighted sum
         return linear, attention
 
-    inner_rows = tokens - extra if method in ("vpt_deep", "vfpt_deep") else tokens
+    inner_rows = tokens - extra if method in DEEP else tokens
     layers = [layer(inner_rows)] * (depth - 1) + [layer(1)]
     embed = 2 * patches * patch * patch * 3 * d
     forward = embed + sum(linear + attention for linear, attention in layers)
@@ -178,7 +187,7 @@ def vp_prompt_size() -> int:
 
 
 def build_jax_step(name: str, method: str, batch: int):
-    """``(run, compile_s, mem_mib, module)``: ``run()`` performs one jitted training step."""
+    """``(run, compile_s, mem_mib, backbone)``: ``run()`` performs one jitted training step."""
     config = backbones.default_config(
         name,
         compute_dtype=_DTYPE.value,
@@ -230,16 +239,23 @@ def build_jax_step(name: str, method: str, batch: int):
         holder["state"], metrics = compiled(holder["state"], frozen, batch_arrays, key)
         return metrics
 
-    return run, compile_s, mem_mib, backbone.module
+    return run, compile_s, mem_mib, backbone
 
 
-def build_torch_step(module, method: str, batch: int):
+def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A ``jprompt.data.normalization`` as torchvision's ``Normalize(mean, std)`` of [0, 1]."""
+    scale, offset = normalization.affine(name)
+    std = 1 / (255 * scale)
+    return tuple((-offset * std).tolist()), tuple(std.tolist())
+
+
+def build_torch_step(backbone, method: str, batch: int):
     import torch
     import torch_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     step = torch_reference.make_step(
-        module,
+        backbone.module,
         method,
         batch=batch,
         image_size=_IMAGE_SIZE.value,
@@ -247,6 +263,7 @@ def build_torch_step(module, method: str, batch: int):
         device=device,
         bfloat16=_DTYPE.value == "bfloat16",
         vp_prompt_size=vp_prompt_size(),
+        normalization=mean_std(backbone.normalization),
         skip_discarded_rows=_TORCH_SKIP.value,
     )
 
@@ -259,9 +276,8 @@ def build_torch_step(module, method: str, batch: int):
 
 def measure(method: str, name: str, batch: int, matmul) -> Row:
     """One row; the matmul peak is re-measured in every round, between the steps."""
-    run, compile_s, mem_mib, module = build_jax_step(name, method, batch)
-    with_torch = _TORCH.value and method not in JAX_ONLY
-    torch_step = build_torch_step(module, method, batch) if with_torch else None
+    run, compile_s, mem_mib, backbone = build_jax_step(name, method, batch)
+    torch_step = build_torch_step(backbone, method, batch) if _TORCH.value else None
     for _ in range(_WARMUP.value):
         jax.block_until_ready(run())
         if torch_step:
@@ -277,7 +293,7 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
             round_ratios.append(statistics.median(torch_round) / statistics.median(jax_round))
     seconds = statistics.median(jax_times)
     peak = matmul[1] / statistics.median(matmul_times)
-    flops = model_flops(module, method, batch, _IMAGE_SIZE.value)
+    flops = model_flops(backbone.module, method, batch, _IMAGE_SIZE.value)
     stats = jax.devices()[0].memory_stats() or {}
     device_peak = stats.get("peak_bytes_in_use")
     return Row(

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from jprompt import methods
+from jprompt.methods import vp
 from jprompt.models import backbones
 from jprompt.train import compilation
 from jprompt.train.step import make_train_step
@@ -244,10 +245,77 @@ def test_torch_reference_skipping_discarded_rows_changes_no_output():
     skipping.load_state_dict(every_row.state_dict())
     images = torch.randn(BATCH, 3, IMAGE, IMAGE)
     tokens = torch.randn(module.depth, BATCH, 3, module.hidden_size)
-    for kwargs in ({}, {"deep_prompts": tokens}, {"prompts": tokens[0], "at_end": True}):
+    kv = torch.randn(module.depth, BATCH, module.num_heads, 2, module.hidden_size // 2)
+    for kwargs in (
+        {},
+        {"deep_prompts": tokens},
+        {"prompts": tokens[0], "at_end": True},
+        {"deep_prompts": tokens, "kv_prompts": (kv, -kv)},
+    ):
         expected = every_row(images, **kwargs)
         assert expected.abs().max() > 0.1
         torch.testing.assert_close(skipping(images, **kwargs), expected, atol=1e-5, rtol=1e-5)
+
+
+def _reference_prompts(name: str, prompter: dict) -> dict:
+    """jprompt's prompt arrays as the torch reference's tensors, in the official layouts."""
+    if name == "evp":  # the official (3, S, S) canvas, zero inside
+        return {"perturbation": np.asarray(vp.padding_prompt(prompter)).transpose(2, 0, 1)}
+    if name == "lor_vp":
+        return {"left_bar": prompter["B"], "right_bar": prompter["A"]}
+    if name == "e2vpt":
+        masks = {"token_mask": prompter["token_mask"][:, 0], "piece_mask": prompter["piece_mask"]}
+        return {"tokens": prompter["tokens"], "kv": prompter["kv"], **masks}
+    return {"tokens": prompter["tokens"]}
+
+
+@pytest.mark.parametrize(
+    "name, options, reference",
+    [
+        ("evp", {"prompt_size": 3}, "evp"),
+        ("lor_vp", {}, "lor_vp"),
+        ("e2vpt", {}, "e2vpt"),
+        ("vfpt", {"deep": True}, "vfpt_deep"),
+    ],
+)
+def test_torch_reference_gives_jprompts_logits(name, options, reference, monkeypatch):
+    """The step-speed harness times the same forward on both sides: with the same weights and
+    prompts (random, masks included), the torch reference's logits are jprompt's."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import torch_reference
+
+    rng = np.random.default_rng(0)
+
+    def draw(shapes):
+        return jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(np.float32), shapes)
+
+    backbone, shapes = _abstract_backbone("vit_tiny16", IMAGE)
+    assert backbone.normalization == "minus_one_to_one"  # prompted's default (mean, std)
+    params = draw(shapes)
+    method = methods.build(name, backbone=backbone, num_classes=NUM_CLASSES, **options)
+    trained = draw(jax.eval_shape(method.init, jax.random.key(1), params)[0])
+    pixels = rng.uniform(0, 1, (BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+    normalized = 2 * pixels - 1
+    expected = jax.jit(lambda t: method.apply(t, {"backbone": params}, normalized)[0])(trained)
+
+    module = backbone.module
+    vit = torch_reference.ViT(module, IMAGE).eval()
+    vit.load_state_dict(torch_reference.state_dict(module, params))
+    tensors, features = torch_reference.prompted(
+        reference, vit, module, image_size=IMAGE, vp_prompt_size=options.get("prompt_size", 30)
+    )
+    values = _reference_prompts(name, trained["params"]["prompter"])
+    assert set(values) == set(tensors)
+    head = trained["params"]["head"]
+    images = pixels if reference in torch_reference.NORMALIZES else normalized
+    with torch.no_grad():
+        for key, value in values.items():
+            tensors[key].copy_(torch.from_numpy(np.array(value)))
+        got = features(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+        got = (got @ torch.from_numpy(head["kernel"]) + torch.from_numpy(head["bias"])).numpy()
+    assert np.abs(expected).max() > 1
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_block_speed_benchmark_smoke():
