@@ -730,38 +730,6 @@ def test_gelu_exact_is_the_erf_gelu_and_differs_from_the_tanh_one():
         block.init(jax.random.key(0), jnp.zeros((1, 2)), deterministic=True)
 
 
-def _torch_state(module, params) -> dict:
-    """``params`` of a headless, class-token-pooled ``module`` as the state dict (numpy) of
-    ``torch_reference.ViT``: torch's (out, in) Linear and (D, 3, P, P) conv layouts."""
-    p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    t = p["Transformer"]
-    state = {
-        "patch_embed.weight": p["embedding"]["kernel"].transpose(3, 2, 0, 1),
-        "patch_embed.bias": p["embedding"]["bias"],
-        "cls": p["cls"],
-        "pos_embed": t["posembed_input"]["pos_embedding"],
-        "norm.weight": t["encoder_norm"]["scale"],
-        "norm.bias": t["encoder_norm"]["bias"],
-    }
-    for i in range(module.depth):
-        block, name = t[f"encoderblock_{i}"], f"blocks.{i}."
-        att, mlp = block["MultiHeadDotProductAttention_0"], block["MlpBlock_0"]
-        qkv = [att[n]["kernel"].reshape(D, D).T for n in ("query", "key", "value")]
-        state[name + "qkv.weight"] = np.concatenate(qkv)
-        state[name + "qkv.bias"] = np.concatenate(
-            [att[n]["bias"].reshape(D) for n in ("query", "key", "value")]
-        )
-        state[name + "proj.weight"] = att["out"]["kernel"].reshape(D, D).T
-        state[name + "proj.bias"] = att["out"]["bias"]
-        for ours, theirs in (("LayerNorm_0", "norm1"), ("LayerNorm_1", "norm2")):
-            state[f"{name}{theirs}.weight"] = block[ours]["scale"]
-            state[f"{name}{theirs}.bias"] = block[ours]["bias"]
-        for ours, theirs in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-            state[f"{name}{theirs}.weight"] = mlp[ours]["kernel"].T
-            state[f"{name}{theirs}.bias"] = mlp[ours]["bias"]
-    return state
-
-
 def test_exact_gelu_vit_matches_a_pytorch_vit_and_tanh_gelu_does_not(images, monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -769,7 +737,7 @@ def test_exact_gelu_vit_matches_a_pytorch_vit_and_tanh_gelu_does_not(images, mon
 
     exact, params = _tiny("tok", num_classes=0, activation="gelu_exact")
     twin = torch_reference.ViT(exact, IMAGE).eval()
-    twin.load_state_dict({k: torch.tensor(v) for k, v in _torch_state(exact, params).items()})
+    twin.load_state_dict(torch_reference.state_dict(exact, params))
     assert twin.blocks[0].activation is torch.nn.functional.gelu  # approximate="none"
     with torch.no_grad():
         expected = twin(torch.tensor(np.asarray(images).transpose(0, 3, 1, 2))).numpy()
