@@ -14,6 +14,12 @@ only full batches are made (``drop_last=True``); ``drop_last=False`` makes it ep
 PyTorch's ``DataLoader(drop_last=False)`` of the official VPT code does: every example once per
 epoch and the last batch partial, padded to full size with ``mask == 0`` examples.
 
+A split small enough is decoded only once (``PreprocessSpec.cache_decoded``; ``decoded_cache``
+says what is kept and when): from the second pass on, a training example starts from its image
+kept in memory, decoded and, where the train crop resizes before it draws, resized; an evaluation
+example is its kept model input. The batches are the same as without; a resumed run decodes the
+split's examples in its first pass, the skipped ones included.
+
 Evaluation reads every example once, pads the last batch, and gives all processes the same
 number of batches (padding marked by ``mask == 0``), so a multi-host evaluation never waits on
 a process that ran out of data.
@@ -35,8 +41,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from jprompt.data import builders, label_maps, presets, synthetic
-from jprompt.data.preprocess import PreprocessSpec, eval_transform, train_transform
+from jprompt.data import builders, decoded_cache, label_maps, presets, synthetic
+from jprompt.data.preprocess import (
+    PreprocessSpec,
+    eval_transform,
+    train_head,
+    train_head_bytes,
+    train_tail,
+)
 
 # JAX owns the accelerators; TensorFlow only runs the input pipeline on the CPU. Setting this
 # fails once TF has initialised its devices, in which case it is too late to matter here.
@@ -392,7 +404,11 @@ def padded_epochs(
             f"{num_examples} examples do not fit in {batches_per_epoch} batches of {batch}; "
             f"pass batches_per_epoch={math.ceil(num_examples / batch)} or more"
         )
-    blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), examples.element_spec)
+    # Images of unknown size (kept decoded, cache_decoded) are padded with empty ones.
+    blank = tf.nest.map_structure(
+        lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype),
+        examples.element_spec,
+    )
     padding = tf.data.Dataset.from_tensors((blank, 0.0)).repeat(per_epoch - num_examples)
 
     def epoch(index):
@@ -447,20 +463,31 @@ def train_iterator(
         raise ValueError(f"{name}:{split} has no examples for process {index} of {count}")
     check_drop_last(drop_last, skip_undecodable)
     ds, _ = share.examples(skip_undecodable=skip_undecodable)
-    ds = ds.map(lambda position, encoded, label: (encoded, label))
+
+    def decode_head(encoded):
+        return train_head(share.example_map.decode(encoded), spec)
+
+    def estimate():
+        return decoded_cache.image_bytes(share, lambda h, w: train_head_bytes(h, w, spec))
+
+    cache = decoded_cache.use(share, spec.cache_decoded, estimate, "decoded training images")
+    if cache:  # before the shuffle, which orders the elements the same whatever they hold
+        ds = ds.map(lambda _, encoded, label: (decode_head(encoded), label), _AUTOTUNE).cache()
+    else:
+        ds = ds.map(lambda _, encoded, label: (encoded, label))
     base_seed = tf.constant([seed, index], tf.int64)
 
-    def augment(position, encoded):
-        example_seed = tf.random.fold_in(base_seed, position)
-        return train_transform(share.example_map.decode(encoded), example_seed, spec)
+    def augment(position, image):
+        image = image if cache else decode_head(image)  # the cache holds decode_head's output
+        return train_tail(image, tf.random.fold_in(base_seed, position), spec)
 
     if drop_last:
         ds = shuffled_forever(ds, seed=seed, process_index=index, buffer=shuffle_buffer)
-        ds = ds.enumerate().skip(start_step * batch)  # skip encoded bytes: cheap
+        ds = ds.enumerate().skip(start_step * batch)  # before the random part; uncached, undecoded
 
         def prepare(position, example):
-            encoded, label = example
-            return {"image": augment(position, encoded), "label": label}
+            image, label = example
+            return {"image": augment(position, image), "label": label}
 
     else:
         ds = padded_epochs(
@@ -476,8 +503,8 @@ def train_iterator(
         blank = tf.zeros([spec.image_size, spec.image_size, 3], tf.float32)
 
         def prepare(position, item):
-            (encoded, label), mask = item
-            image = tf.cond(mask > 0, lambda: augment(position, encoded), lambda: blank)
+            (image, label), mask = item
+            image = tf.cond(mask > 0, lambda: augment(position, image), lambda: blank)
             return {"image": image, "label": label, "mask": mask}
 
     ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE)
@@ -527,12 +554,6 @@ def eval_iterator(
     builder = load_builder(name, data_dir)
     share = open_share(builder, name, split, index, count, label_map, num_classes)
     _, num_batches = eval_plan(builder, split, count, batch)
-
-    def prepare(position, encoded, label):
-        del position
-        image = eval_transform(share.example_map.decode(encoded), spec)
-        return {"image": image, "label": label, "mask": tf.constant(1.0)}
-
     size = spec.image_size
     blank = {
         "image": tf.zeros([size, size, 3], tf.float32),
@@ -540,11 +561,32 @@ def eval_iterator(
         "mask": tf.constant(0.0),
     }
     if share.size:
-        examples, num_examples = share.examples(skip_undecodable=skip_undecodable)
+        examples, num_examples = decoded_cache.kept_eval_split(
+            # everything the examples depend on
+            (str(builder.data_dir), name, share.tfds_split, share.example_map, share.num_classes)
+            + (skip_undecodable, spec),
+            lambda: _eval_examples(share, spec, skip_undecodable),
+        )
     else:  # tfds cannot read an empty share: this process only pads
         examples, num_examples = None, 0
     ds = tf.data.Dataset.from_tensors(blank).repeat(num_batches * batch - num_examples)
     if examples is not None:
-        ds = examples.map(prepare, num_parallel_calls=_AUTOTUNE).concatenate(ds)
+        ds = examples.concatenate(ds)
     ds = deterministic(ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE))
     return numpy_batches(ds, share)
+
+
+def _eval_examples(share: Share, spec: PreprocessSpec, skip_undecodable: bool):
+    """(preprocessed examples, how many, bytes cached) of ``share`` for ``eval_iterator``."""
+
+    def prepare(position, encoded, label):
+        del position
+        image = eval_transform(share.example_map.decode(encoded), spec)
+        return {"image": image, "label": label, "mask": tf.constant(1.0)}
+
+    examples, num_examples = share.examples(skip_undecodable=skip_undecodable)
+    examples = examples.map(prepare, num_parallel_calls=_AUTOTUNE)
+    nbytes = share.size * spec.image_size**2 * 3 * 4  # float32 images
+    if not decoded_cache.use(share, spec.cache_decoded, lambda: nbytes, "evaluation images"):
+        return examples, num_examples, 0
+    return examples.cache(), num_examples, nbytes

@@ -18,6 +18,8 @@ below; ``PreprocessSpec`` checks the names when it is built.
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -56,6 +58,27 @@ def decode_image(encoded_bytes: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(encoded_bytes, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encoded_image_size(encoded_bytes: tf.Tensor) -> tf.Tensor:
+    """int64 ``(height, width)`` of an encoded image, read from a JPEG's or PNG's header without
+    decoding it (other formats are decoded)."""
+
+    def png():  # the IHDR chunk: width and height, big-endian uint32, at bytes 16 to 24
+        header = tf.strings.substr(encoded_bytes, 16, 8)
+        return tf.reverse(tf.io.decode_raw(header, tf.int32, little_endian=False), [0])
+
+    size = tf.case(
+        [
+            (tf.io.is_jpeg(encoded_bytes), lambda: tf.image.extract_jpeg_shape(encoded_bytes)[:2]),
+            (tf.strings.substr(encoded_bytes, 0, 8) == _PNG_SIGNATURE, png),
+        ],
+        default=lambda: tf.shape(decode_image(encoded_bytes))[:2],
+    )
+    return tf.ensure_shape(tf.cast(size, tf.int64), [2])
 
 
 # --- Resizes -----------------------------------------------------------------------------------
@@ -108,15 +131,35 @@ def _scale_1_window(height, width, seed):
     return top, left, crop_h, crop_w
 
 
-# --- Crops: train ones take (image, seed, size, resize), eval ones (image, size, resize) -------
+# --- Crops -------------------------------------------------------------------------------------
+# A train crop is a deterministic head (image, size, resize), whose output the input pipeline may
+# keep in memory between epochs (config.input.cache_decoded), then a random tail (image, seed,
+# size, resize). Eval crops are deterministic: (image, size, resize).
 
 
-def _train_resize(image, seed, size, resize):
-    del seed  # deterministic
+def _keep(image, size, resize):
+    del size, resize  # a crop drawn first: nothing to do before the draw
+    return image
+
+
+def _squash(image, size, resize):
     return _resize(image, size, size, resize)
 
 
-def _train_random_resized_crop(image, seed, size, resize):
+def _shorter_side_to_resize_size(image, size, resize):
+    return _resize_shorter_side(image, resize_size(size), resize)
+
+
+def _center_crop(image, size, resize):
+    return eval_crop(image, size, "center_crop", resize)
+
+
+def _no_draw(image, seed, size, resize):
+    del seed, size, resize
+    return image
+
+
+def _random_resized_crop(image, seed, size, resize):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -130,20 +173,15 @@ def _train_random_resized_crop(image, seed, size, resize):
     return _resize(tf.slice(image, begin, crop_size), size, size, resize)
 
 
-def _train_random_resized_crop_scale_1(image, seed, size, resize):
+def _random_resized_crop_scale_1(image, seed, size, resize):
     shape = tf.shape(image)
     top, left, crop_h, crop_w = _scale_1_window(shape[0], shape[1], seed)
     return _resize(image[top : top + crop_h, left : left + crop_w], size, size, resize)
 
 
-def _train_resize_random_crop(image, seed, size, resize):
-    image = _resize_shorter_side(image, resize_size(size), resize)
+def _random_crop(image, seed, size, resize):
+    del resize
     return tf.image.stateless_random_crop(image, [size, size, 3], seed=seed)
-
-
-def _train_center_crop(image, seed, size, resize):
-    del seed  # deterministic
-    return eval_crop(image, size, "center_crop", resize)
 
 
 def eval_crop(image: tf.Tensor, size: int, crop: str, resize: str) -> tf.Tensor:
@@ -153,12 +191,37 @@ def eval_crop(image: tf.Tensor, size: int, crop: str, resize: str) -> tf.Tensor:
     return _resize(image, height, width, resize)[top : top + size, left : left + size]
 
 
+class TrainCrop(NamedTuple):
+    """A train crop: ``tail(head(image))``, and what keeping ``head``'s output takes."""
+
+    head: Callable  # deterministic: (uint8 image, size, resize) -> image
+    tail: Callable  # random: (head's image, seed, size, resize) -> (size, size, 3) float
+    # (height, width, size) -> bytes of head's output for a decoded (height, width) image, from
+    # ints or int64 tensors
+    head_bytes: Callable
+
+
+def _float_square_bytes(height, width, size):
+    del height, width
+    return size * size * 3 * 4  # float32
+
+
+def _resized_bytes(height, width, size):
+    resized_height, resized_width = shorter_side_to(height, width, resize_size(size))
+    return resized_height * resized_width * 3 * 4  # float32
+
+
+def _decoded_bytes(height, width, size):
+    del size
+    return height * width * 3  # uint8
+
+
 TRAIN_CROPS = {
-    "resize": _train_resize,
-    "random_resized_crop": _train_random_resized_crop,
-    "resize_random_crop": _train_resize_random_crop,
-    "center_crop": _train_center_crop,
-    "random_resized_crop_scale_1": _train_random_resized_crop_scale_1,
+    "resize": TrainCrop(_squash, _no_draw, _float_square_bytes),
+    "random_resized_crop": TrainCrop(_keep, _random_resized_crop, _decoded_bytes),
+    "resize_random_crop": TrainCrop(_shorter_side_to_resize_size, _random_crop, _resized_bytes),
+    "center_crop": TrainCrop(_center_crop, _no_draw, _float_square_bytes),
+    "random_resized_crop_scale_1": TrainCrop(_keep, _random_resized_crop_scale_1, _decoded_bytes),
 }
 
 
@@ -321,6 +384,9 @@ def _check_choice(field: str, value: str, choices) -> None:
         raise ValueError(f"unknown {field} {value!r}; valid choices: {sorted(choices)}")
 
 
+CACHE_DECODED = ("auto", "on", "off")  # PreprocessSpec.cache_decoded
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessSpec:
     """How images become model inputs (S = image_size).
@@ -355,6 +421,10 @@ class PreprocessSpec:
     normalization: "minus_one_to_one" (x / 127.5 - 1, the vit_jax/big_vision range), "clip"
       ((x / 255 - CLIP_MEAN) / CLIP_STD) or "imagenet" ((x / 255 - IMAGENET_MEAN) /
       IMAGENET_STD, as VPT feeds its ViT).
+    cache_decoded: whether the input pipeline keeps each image's deterministic work (decoding,
+      ``train_head``; at evaluation the whole transform) in memory after the first pass over a
+      split: "auto" (when the split's estimate fits ``jprompt.data.decoded_cache.BUDGET``), "on"
+      or "off". Not a pixel choice: the batches are the same either way.
     """
 
     image_size: int
@@ -365,6 +435,7 @@ class PreprocessSpec:
     resize: str = DEFAULT_RESIZE
     train_resize: str | None = None
     augment: str = "none"
+    cache_decoded: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size <= 0:
@@ -376,6 +447,7 @@ class PreprocessSpec:
         if self.train_resize is not None:
             _check_choice("train_resize", self.train_resize, RESIZES)
         _check_choice("augment", self.augment, AUGMENTS)
+        _check_choice("cache_decoded", self.cache_decoded, CACHE_DECODED)
 
 
 def normalize(image: tf.Tensor, kind: str) -> tf.Tensor:
@@ -384,17 +456,39 @@ def normalize(image: tf.Tensor, kind: str) -> tf.Tensor:
     return NORMALIZATIONS[kind](tf.cast(image, tf.float32))
 
 
-def train_transform(image: tf.Tensor, seed: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
-    """uint8 ``(H, W, 3)`` -> float32 ``(S, S, 3)``; a function of ``(image, seed)`` only."""
+def train_head(image: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
+    """The part of ``train_transform`` that draws nothing: uint8 ``(H, W, 3)`` -> the train crop's
+    deterministic head (the resized image, or the image itself when the crop is drawn first)."""
+    return TRAIN_CROPS[spec.train_crop].head(image, spec.image_size, _train_resize(spec))
+
+
+def train_head_bytes(height, width, spec: PreprocessSpec):
+    """Bytes of ``train_head``'s output for a decoded ``(height, width)`` image (ints or int64
+    tensors): what keeping it in memory takes."""
+    return TRAIN_CROPS[spec.train_crop].head_bytes(height, width, spec.image_size)
+
+
+def train_tail(image: tf.Tensor, seed: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
+    """The rest of ``train_transform``, drawn from ``seed``: ``train_head``'s output -> float32
+    ``(S, S, 3)``."""
     crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-    resize = spec.train_resize or spec.resize
-    image = TRAIN_CROPS[spec.train_crop](image, crop_seed, spec.image_size, resize)
+    crop = TRAIN_CROPS[spec.train_crop]
+    image = crop.tail(image, crop_seed, spec.image_size, _train_resize(spec))
     # Its own stream, so adding the augmentation leaves the crop and flip draws unchanged.
     image = AUGMENTS[spec.augment](image, tf.random.fold_in(seed, 1))
     if spec.flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image = tf.ensure_shape(image, [spec.image_size, spec.image_size, 3])
     return normalize(image, spec.normalization)
+
+
+def train_transform(image: tf.Tensor, seed: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:
+    """uint8 ``(H, W, 3)`` -> float32 ``(S, S, 3)``; a function of ``(image, seed)`` only."""
+    return train_tail(train_head(image, spec), seed, spec)
+
+
+def _train_resize(spec: PreprocessSpec) -> str:
+    return spec.train_resize or spec.resize
 
 
 def eval_transform(image: tf.Tensor, spec: PreprocessSpec) -> tf.Tensor:

@@ -268,6 +268,10 @@ def base_config(
             # Leave out examples whose image does not decode (counted in a warning) instead of
             # stopping with an error that names them.
             skip_undecodable=False,
+            # Keep each image decoded (and resized, where the train crop resizes before its
+            # random draw; eval: the finished input) in memory after a split's first pass:
+            # auto (when the split's estimate fits 2 GiB) | on | off. Same batches either way.
+            cache_decoded="auto",
         )
     )
     checkpoint = DEMO_CHECKPOINTS[backbone] if demo else CHECKPOINTS.get(backbone, "")

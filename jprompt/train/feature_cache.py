@@ -108,7 +108,9 @@ class FeatureCache:
         # the next images overlaps the backbone's work on this one.
         pending = None
         num_batches = 0
-        for num_batches, local in enumerate(self._read(split, spec), start=1):
+        # Each split is read once here: keeping its images for another pass would only hold memory.
+        read = self._read(split, dataclasses.replace(spec, cache_decoded="off"))
+        for num_batches, local in enumerate(read, start=1):
             images = sharding.to_global_batch({"image": local["image"]}, self._mesh)["image"]
             if pending is not None:
                 kept.append(self._real_rows(*pending))

@@ -444,6 +444,7 @@ def preprocess_spec(inputs: ConfigDict, backbone) -> PreprocessSpec:
         resize=inputs.resize,
         train_resize=inputs.train_resize or None,
         augment=inputs.augment,
+        cache_decoded=inputs.cache_decoded,
     )
 
 

@@ -29,6 +29,8 @@ OPERATIONAL_FIELDS = frozenset(
         "dataset.data_dir",  # where the same prepared dataset is read from
         "model_axis_size",  # how the frozen backbone is laid out over the devices
         "backbone.remat",  # recompute activations in the backward pass to save memory
+        # keep small splits decoded in memory: the same batches, bit for bit
+        "input.cache_decoded",
         "resume_with_changes",  # the request to continue despite differences, not a setting
     }
 )
