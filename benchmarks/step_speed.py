@@ -16,25 +16,39 @@ with ``jprompt.train.compilation``'s options, as the trainer does; random weight
   (not weight gradients) wherever a gradient must flow back to the prompt; E2VPT's key-value
   prompts count as m more keys and values in both attention matmuls of every layer (forward,
   and both operands' gradients), with no projection FLOPs (they enter already projected); the
-  PGN generator, the head, EVP's shrink, VFPT's FFTs, E2VPT's masks and elementwise work are
-  not counted, nor are outputs whose result is discarded (the deep prompt rows before their
-  overwrite, all but the class token in the last block), which jprompt skips;
+  PGN generator, AdaViPro's mask generator, the head, EVP's shrink, VFPT's FFTs, E2VPT's masks
+  and elementwise work are not counted, nor are outputs whose result is discarded (the deep
+  prompt rows before their overwrite, all but the class token in the last block), which
+  jprompt skips;
 - ``mem_MiB``: from ``compiled.memory_analysis()`` (arguments + temporaries + outputs not
   aliased to donated inputs), on every platform; on GPU also ``device_peak_MiB``, the allocator's
   ``peak_bytes_in_use`` (cumulative over the process, so rows should run smallest first);
 - with torch importable (``--torch``), the same workload on ``torch_reference`` (its docstring
   says exactly what runs; ``--torch_skip_discarded_rows`` lets it skip the discarded outputs
-  too), side by side: JAX and torch alternate in ``--repeats`` rounds of
-  ``--steps`` steps each. ``torch img/s`` is the median over all torch steps; ``ratio`` is
-  jprompt / torch speed paired by round (torch's median step time over JAX's in the same round),
-  the median over rounds, and ``ratio_range`` the lowest and highest round. Pairing by round
+  too), side by side, eager and (``--torch_compile``, on by default) the same step function
+  wrapped in ``torch.compile`` (``--torch_compile_backend``, inductor by default; default
+  mode; a separate twin with the same seed). Dynamo breaks the step into graphs at
+  ``zero_grad``, ``backward()`` and inside SGD's ``step``: the forward, its backward and the
+  update run compiled, the calls between them eagerly.
+  The compiled step is called before timing until a call compiles no new graph (the second
+  call recompiles, as the optimizer's momentum buffers appear): ``torch_compile_s`` is the
+  wall time of those calls. In each of ``--repeats`` rounds jprompt, eager torch and compiled
+  torch run ``--steps`` steps in turn. ``eager`` and ``compiled`` img/s are medians over all
+  their steps; ``ratio_eager`` is jprompt / eager torch speed paired by round (torch's median
+  step time over JAX's in the same round), the median over rounds and, in brackets, the lowest
+  and highest round; ``ratio_compiled`` the same against compiled torch. Pairing by round
   cancels the drift of a shared machine's speed, which moves both sides alike but can move by
-  20% within a minute.
+  20% within a minute. JSON: eager torch keeps the keys ``torch_img_s``, ``round_ratios``,
+  ``ratio`` and ``ratio_range``; compiled torch has ``compiled_img_s``,
+  ``compiled_round_ratios``, ``ratio_compiled``, ``ratio_compiled_range`` and
+  ``torch_compile_s`` (null without ``--torch_compile``).
 
     python benchmarks/step_speed.py --methods=vp,vpt_deep --backbones=vit_ti16,vit_b16 \
         --batch_sizes=16 --json=/tmp/step_speed.json
 
-A smoke run: ``--backbones=vit_tiny16 --image_size=32 --batch_sizes=2 --steps=1 --repeats=1``.
+A smoke run: ``--backbones=vit_tiny16 --image_size=32 --batch_sizes=2 --steps=1 --repeats=1
+--torch_compile_backend=eager`` (dynamo's tracing alone, about 3 s: inductor takes 12 to 45 s
+to compile even the tiny ViT's step on 2 cores).
 XLA flags go through the ``XLA_FLAGS`` environment variable as usual.
 """
 
@@ -62,6 +76,7 @@ METHODS = {
     "vpt": ("vpt", {"deep": False}),
     "vpt_deep": ("vpt", {"deep": True}),
     "pgn": ("pgn", {}),
+    "adavipro": ("adavipro", {}),
     "linear_probe": ("linear_probe", {}),
     "evp": ("evp", {}),
     "lor_vp": ("lor_vp", {}),
@@ -70,7 +85,9 @@ METHODS = {
     "vfpt_deep": ("vfpt", {"deep": True}),
 }
 # Pixel prompts: the activation gradient reaches the patch embedding.
-PIXEL_PROMPTS = ("vp", "evp", "lor_vp")
+PIXEL_PROMPTS = ("vp", "evp", "lor_vp", "adavipro")
+# The methods whose pixel frame is VP's (30 px at 224 px, scaled with the image size).
+FRAMES = ("vp", "evp", "adavipro")
 # The jprompt defaults of each token method: prompt tokens in the sequence, E2VPT's key-value
 # prompts per layer, and the methods whose prompt rows are overwritten before every layer.
 PROMPT_TOKENS = {"vpt": 10, "vpt_deep": 10, "vfpt": 10, "vfpt_deep": 10, "e2vpt": 5, "pgn": 16}
@@ -103,6 +120,16 @@ _TORCH_SKIP = flags.DEFINE_bool(
     "Let the torch reference skip the outputs whose result is discarded, as jprompt does. By "
     "default it computes them, as timm and the official VPT code do.",
 )
+_TORCH_COMPILE = flags.DEFINE_bool(
+    "torch_compile",
+    True,
+    "With --torch, also time the torch step wrapped in torch.compile (default mode).",
+)
+_TORCH_COMPILE_BACKEND = flags.DEFINE_string(
+    "torch_compile_backend",
+    "inductor",
+    "torch.compile's backend; eager or aot_eager trace without generating code (smoke runs).",
+)
 _KEEP_FREED_MEMORY = flags.DEFINE_bool(
     "keep_freed_memory",
     True,
@@ -124,8 +151,11 @@ class Row:
     peak_frac: float
     mem_mib: float
     device_peak_mib: float | None = None
-    torch_img_s: float | None = None
-    round_ratios: list[float] | None = None  # jprompt / torch speed in each round
+    torch_img_s: float | None = None  # eager
+    round_ratios: list[float] | None = None  # jprompt / eager torch speed in each round
+    compiled_img_s: float | None = None
+    compiled_round_ratios: list[float] | None = None  # jprompt / compiled torch, by round
+    torch_compile_s: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -133,7 +163,20 @@ class Row:
 
     @property
     def ratio_range(self) -> tuple[float, float] | None:
-        return (min(self.round_ratios), max(self.round_ratios)) if self.round_ratios else None
+        return spread(self.round_ratios)
+
+    @property
+    def ratio_compiled(self) -> float | None:
+        rounds = self.compiled_round_ratios
+        return statistics.median(rounds) if rounds else None
+
+    @property
+    def ratio_compiled_range(self) -> tuple[float, float] | None:
+        return spread(self.compiled_round_ratios)
+
+
+def spread(values: list[float] | None) -> tuple[float, float] | None:
+    return (min(values), max(values)) if values else None
 
 
 def timed(fn, sync) -> float:
@@ -187,7 +230,8 @@ def vp_prompt_size() -> int:
 
 
 def build_jax_step(name: str, method: str, batch: int):
-    """``(run, compile_s, mem_mib, backbone)``: ``run()`` performs one jitted training step."""
+    """``(run, compile_s, mem_mib, built)``: ``run()`` performs one jitted training step of
+    ``built``, the jprompt method."""
     config = backbones.default_config(
         name,
         compute_dtype=_DTYPE.value,
@@ -198,7 +242,7 @@ def build_jax_step(name: str, method: str, batch: int):
     image_size = _IMAGE_SIZE.value
     backbone, params = backbones.build(config, image_size=image_size, rng=jax.random.key(0))
     method_name, options = METHODS[method]
-    if method in ("vp", "evp"):  # both papers' 30 px frame at 224 px
+    if method in FRAMES:
         options = {"prompt_size": vp_prompt_size()}
     built = methods.build(method_name, backbone=backbone, num_classes=NUM_CLASSES, **options)
     trained, frozen = built.init(jax.random.key(1), params)
@@ -239,7 +283,7 @@ def build_jax_step(name: str, method: str, batch: int):
         holder["state"], metrics = compiled(holder["state"], frozen, batch_arrays, key)
         return metrics
 
-    return run, compile_s, mem_mib, backbone
+    return run, compile_s, mem_mib, built
 
 
 def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -249,11 +293,15 @@ def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple((-offset * std).tolist()), tuple(std.tolist())
 
 
-def build_torch_step(backbone, method: str, batch: int):
+def build_torch_step(built, method: str, batch: int):
+    """``(step, sync)``: the torch reference's step of ``method`` on the twin of ``built``'s
+    backbone; ``sync(step())`` waits for the device."""
     import torch
     import torch_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = built.backbone
+    options = {"adavipro_region_size": built.region_size} if method == "adavipro" else {}
     step = torch_reference.make_step(
         backbone.module,
         method,
@@ -265,6 +313,7 @@ def build_torch_step(backbone, method: str, batch: int):
         vp_prompt_size=vp_prompt_size(),
         normalization=mean_std(backbone.normalization),
         skip_discarded_rows=_TORCH_SKIP.value,
+        **options,
     )
 
     def sync(_):
@@ -274,26 +323,59 @@ def build_torch_step(backbone, method: str, batch: int):
     return step, sync
 
 
+def compile_torch_step(step, sync, backend: str):
+    """``((compiled, sync), seconds)``: ``step`` wrapped in ``torch.compile``, called until a
+    call compiles no new graph, and the wall seconds of those calls (a cold compile: inductor's
+    on-disk caches are off, as jprompt's step has none)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._inductor.config.force_disable_caches = True
+    # Every row's step is a new closure of the same code: without a reset dynamo would recompile
+    # it next to the earlier rows' graphs and, past its recompile limit (8), silently run it eager.
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend)
+    start = time.perf_counter()
+    graphs = None
+    while graphs != counters["stats"]["unique_graphs"]:
+        graphs = counters["stats"]["unique_graphs"]
+        sync(compiled())
+    return (compiled, sync), time.perf_counter() - start
+
+
 def measure(method: str, name: str, batch: int, matmul) -> Row:
     """One row; the matmul peak is re-measured in every round, between the steps."""
-    run, compile_s, mem_mib, backbone = build_jax_step(name, method, batch)
-    torch_step = build_torch_step(backbone, method, batch) if _TORCH.value else None
+    run, compile_s, mem_mib, built = build_jax_step(name, method, batch)
+    torch_steps, torch_compile_s = {}, None  # "eager" / "compiled" -> (step, sync)
+    if _TORCH.value:
+        torch_steps["eager"] = build_torch_step(built, method, batch)
+        if _TORCH_COMPILE.value:
+            twin = build_torch_step(built, method, batch)  # its own parameters and optimizer
+            backend = _TORCH_COMPILE_BACKEND.value
+            torch_steps["compiled"], torch_compile_s = compile_torch_step(*twin, backend)
     for _ in range(_WARMUP.value):
         jax.block_until_ready(run())
-        if torch_step:
-            torch_step[1](torch_step[0]())
-    jax_times, torch_times, matmul_times, round_ratios = [], [], [], []
+        for step, sync in torch_steps.values():
+            sync(step())
+    jax_times, matmul_times = [], []
+    torch_times = {kind: [] for kind in torch_steps}
+    round_ratios = {kind: [] for kind in torch_steps}  # jprompt / torch speed, by round
     for _ in range(_REPEATS.value):
         matmul_times += [timed(matmul[0], jax.block_until_ready) for _ in range(3)]
         jax_round = [timed(run, jax.block_until_ready) for _ in range(_STEPS.value)]
         jax_times += jax_round
-        if torch_step:
+        for kind, torch_step in torch_steps.items():
             torch_round = [timed(*torch_step) for _ in range(_STEPS.value)]
-            torch_times += torch_round
-            round_ratios.append(statistics.median(torch_round) / statistics.median(jax_round))
+            torch_times[kind] += torch_round
+            ratio = statistics.median(torch_round) / statistics.median(jax_round)
+            round_ratios[kind].append(ratio)
     seconds = statistics.median(jax_times)
     peak = matmul[1] / statistics.median(matmul_times)
-    flops = model_flops(backbone.module, method, batch, _IMAGE_SIZE.value)
+    flops = model_flops(built.backbone.module, method, batch, _IMAGE_SIZE.value)
+
+    def torch_img_s(kind):
+        return batch / statistics.median(torch_times[kind]) if kind in torch_times else None
+
     stats = jax.devices()[0].memory_stats() or {}
     device_peak = stats.get("peak_bytes_in_use")
     return Row(
@@ -307,25 +389,36 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
         peak_frac=flops / seconds / peak,
         mem_mib=mem_mib,
         device_peak_mib=device_peak / MIB if device_peak else None,
-        torch_img_s=batch / statistics.median(torch_times) if torch_times else None,
-        round_ratios=round_ratios or None,
+        torch_img_s=torch_img_s("eager"),
+        round_ratios=round_ratios.get("eager"),
+        compiled_img_s=torch_img_s("compiled"),
+        compiled_round_ratios=round_ratios.get("compiled"),
+        torch_compile_s=torch_compile_s,
     )
 
 
 def table(rows: list[Row]) -> str:
     head = (
-        f"{'method':<13}{'backbone':<11}{'batch':>6}{'img/s':>9}{'torch':>9}{'ratio':>7}"
-        f"{'ratio_range':>13}{'compile_s':>10}{'peak%':>7}{'GFLOP/s':>9}{'mem_MiB':>9}"
+        f"{'method':<13}{'backbone':<11}{'batch':>6}{'img/s':>9}{'eager':>9}{'compiled':>9}"
+        f"{'ratio_eager':>19}{'ratio_compiled':>19}{'compile_s':>10}{'torch_compile_s':>16}"
+        f"{'peak%':>7}{'GFLOP/s':>9}{'mem_MiB':>9}"
     )
+
+    def number(value, width, digits=2):
+        return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    def ratio(median, low_high):
+        return "{:.2f} ({:.2f}-{:.2f})".format(median, *low_high) if median else "-"
+
     lines = [head]
     for r in rows:
-        torch_col = f"{r.torch_img_s:9.2f}" if r.torch_img_s else f"{'-':>9}"
-        ratio = f"{r.ratio:7.2f}" if r.ratio else f"{'-':>7}"
-        spread = "{:.2f}-{:.2f}".format(*r.ratio_range) if r.ratio_range else "-"
         lines.append(
-            f"{r.method:<13}{r.backbone:<11}{r.batch:>6}{r.img_s:9.2f}{torch_col}{ratio}"
-            f"{spread:>13}"
-            f"{r.compile_s:10.1f}{100 * r.peak_frac:7.1f}{r.peak_flops / 1e9:9.1f}{r.mem_mib:9.0f}"
+            f"{r.method:<13}{r.backbone:<11}{r.batch:>6}{r.img_s:9.2f}"
+            f"{number(r.torch_img_s, 9)}{number(r.compiled_img_s, 9)}"
+            f"{ratio(r.ratio, r.ratio_range):>19}"
+            f"{ratio(r.ratio_compiled, r.ratio_compiled_range):>19}"
+            f"{r.compile_s:10.1f}{number(r.torch_compile_s, 16, 1)}"
+            f"{100 * r.peak_frac:7.1f}{r.peak_flops / 1e9:9.1f}{r.mem_mib:9.0f}"
         )
     return "\n".join(lines)
 
@@ -342,7 +435,8 @@ def main(argv):
     print(
         f"{device.device_kind} ({jax.default_backend()}), compute {_DTYPE.value}, "
         f"param_dtype={_PARAM_DTYPE.value}, remat={_REMAT.value}, attention={_ATTENTION.value}, "
-        f"torch_skip_discarded_rows={_TORCH_SKIP.value}"
+        f"torch_skip_discarded_rows={_TORCH_SKIP.value}, torch_compile={_TORCH_COMPILE.value} "
+        f"({_TORCH_COMPILE_BACKEND.value})"
     )
     rows = []
     for name in _BACKBONES.value:
@@ -362,8 +456,16 @@ def main(argv):
                     "remat": _REMAT.value,
                     "attention": _ATTENTION.value,
                     "torch_skip_discarded_rows": _TORCH_SKIP.value,
+                    "torch_compile": _TORCH.value and _TORCH_COMPILE.value,
+                    "torch_compile_backend": _TORCH_COMPILE_BACKEND.value,
                     "rows": [
-                        dataclasses.asdict(r) | {"ratio": r.ratio, "ratio_range": r.ratio_range}
+                        dataclasses.asdict(r)
+                        | {
+                            "ratio": r.ratio,
+                            "ratio_range": r.ratio_range,
+                            "ratio_compiled": r.ratio_compiled,
+                            "ratio_compiled_range": r.ratio_compiled_range,
+                        }
                         for r in rows
                     ],
                 },

@@ -24,6 +24,14 @@ official code's operations:
   ``BatchNorm2d`` in training mode) maps the image to (16, 256) logits whose softmax mixes a
   (256, D) token library into 16 tokens appended at the end of the sequence, as
   ``jprompt.methods.pgn``; the generator and library train.
+- ``adavipro`` (no official code is public: ``jprompt.methods.adavipro``'s defaults and
+  operations): VP's padding frame added only where a region mask says so. The mask generator,
+  which trains with the frame: the images' channel mean through the fixed 4-neighbour Laplacian
+  (zero padding 1), a ``Conv2d(1, 64)`` with kernel and stride the region size
+  (``adavipro_region_size``, 32 at 224 px: one output per region), ReLU, a 1x1
+  ``Conv2d(64, 2)``; in training ``F.gumbel_softmax`` over the 2 choices at the first epoch's
+  temperature 5, straight-through hard (evaluation: the argmax), choice 1's region mask
+  nearest-upsampled (``repeat_interleave``) to the pixels.
 - ``linear_probe``: the backbone forward under ``torch.no_grad()``, then the trained head.
 - ``evp`` (UCSC-VLAA/EVP ``main.py``): the pixels shrunk to ``S - 2p`` (``F.interpolate``
   bicubic, antialiased, clamped to [0, 1]: jprompt shrinks inside its step, where the official
@@ -66,11 +74,15 @@ E2VPT_TOKENS = 5  # NUM_TOKENS_P
 E2VPT_KV_TOKENS = 5  # NUM_TOKENS
 E2VPT_PIECES = 16  # CLS_TOKEN_P_PIECES_NUM
 VFPT_FOURIER_TOKENS = 5  # floor(10 * FOURIER_PERCENTAGE 0.5)
+ADAVIPRO_EMBED = 64  # embed_dim
+ADAVIPRO_TEMPERATURE = 5.0  # tau0 * tau_decay ** 0, the first epoch's
+LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 METHODS = (
     "vp",
     "vpt",
     "vpt_deep",
     "pgn",
+    "adavipro",
     "linear_probe",
     "evp",
     "lor_vp",
@@ -271,6 +283,43 @@ def state_dict(module, params) -> dict:
     return state
 
 
+class RegionMask(nn.Module):
+    """AdaViPro's mask generator: images (B, 3, S, S) -> 0/1 masks (B, 1, S, S), constant on
+    each ``region`` x ``region`` region (Gumbel-sampled in training, the argmax in eval)."""
+
+    def __init__(self, region: int):
+        super().__init__()
+        self.region = region
+        self.register_buffer("laplacian", torch.tensor(LAPLACIAN).view(1, 1, 3, 3))
+        self.convergence = nn.Conv2d(1, ADAVIPRO_EMBED, region, stride=region)
+        self.policy = nn.Conv2d(ADAVIPRO_EMBED, 2, 1)
+
+    def forward(self, images):
+        edges = F.conv2d(images.mean(1, keepdim=True), self.laplacian, padding=1)
+        logits = self.policy(F.relu(self.convergence(edges)))  # (B, 2, R, R)
+        if self.training:
+            choice = F.gumbel_softmax(logits, ADAVIPRO_TEMPERATURE, hard=True, dim=1)
+        else:
+            choice = F.one_hot(logits.argmax(1), 2).permute(0, 3, 1, 2).to(logits.dtype)
+        regions = choice[:, 1:]
+        return regions.repeat_interleave(self.region, 2).repeat_interleave(self.region, 3)
+
+
+def padding_frame(image_size: int, width: int, device):
+    """``(strips, frame)``: VP's four N(0, 1) strips by name and ``frame()``, the (3, S, S)
+    prompt they make, zero inside."""
+    inner = image_size - 2 * width
+    shapes = ((width, image_size), (width, image_size), (inner, width), (inner, width))
+    strips = [torch.randn(3, *shape, device=device, requires_grad=True) for shape in shapes]
+
+    def frame():
+        up, down, left, right = strips
+        middle = torch.cat([left, torch.zeros(3, inner, inner, device=device), right], dim=2)
+        return torch.cat([up, middle, down], dim=1)
+
+    return dict(zip(("up", "down", "left", "right"), strips, strict=True)), frame
+
+
 def uniform_tokens(shape, module, device):
     """VPT's token init: U(-v, v), ``v = sqrt(6 / (3 P^2 + D))``."""
     bound = math.sqrt(6.0 / (3 * module.patch_size**2 + module.hidden_size))
@@ -285,12 +334,16 @@ def prompted(
     image_size: int,
     vp_prompt_size: int = 30,
     normalization=((0.5,) * 3, (0.5,) * 3),
+    adavipro_region_size: int = 32,
+    train: bool = True,
     device: str = "cpu",
 ):
     """``(trained, features)``: the tensors ``method`` trains beside the head, by name, and
     ``features(images)``, ``vit``'s pooled features of the prompted (B, 3, S, S) ``images``.
     ``normalization`` is the backbone's ``(mean, std)`` per channel for ``NORMALIZES``'s
-    methods, whose images are pixels in [0, 1]; ``vp_prompt_size`` is VP's and EVP's frame."""
+    methods, whose images are pixels in [0, 1]; ``vp_prompt_size`` is VP's, EVP's and
+    AdaViPro's frame; ``train=False`` puts the generators (PGN's BatchNorm, AdaViPro's
+    Gumbel sample) in evaluation mode."""
     if method not in METHODS:
         raise ValueError(f"unknown torch reference method {method!r}; valid: {METHODS}")
     on = dict(device=device)
@@ -298,18 +351,22 @@ def prompted(
     mean, std = (torch.tensor(v, **on).view(3, 1, 1) for v in normalization)
 
     if method == "vp":
-        p, inner = vp_prompt_size, image_size - 2 * vp_prompt_size
-        strips = [
-            torch.randn(3, *shape, **on, requires_grad=True)
-            for shape in ((p, image_size), (p, image_size), (inner, p), (inner, p))
-        ]
+        strips, frame = padding_frame(image_size, vp_prompt_size, device)
 
         def features(images):
-            up, down, left, right = strips
-            middle = torch.cat([left, torch.zeros(3, inner, inner, **on), right], dim=2)
-            return vit(images + torch.cat([up, middle, down], dim=1))
+            return vit(images + frame())
 
-        return dict(zip(("up", "down", "left", "right"), strips, strict=True)), features
+        return strips, features
+
+    if method == "adavipro":
+        strips, frame = padding_frame(image_size, vp_prompt_size, device)
+        generator = RegionMask(adavipro_region_size).train(train).to(device)
+
+        def features(images):
+            return vit(images + frame() * generator(images))
+
+        trained = {f"generator.{n}": p for n, p in generator.named_parameters()}
+        return strips | trained, features
 
     if method in ("vpt", "vpt_deep"):
         shape = (depth, 1, VPT_TOKENS, dim) if method == "vpt_deep" else (1, VPT_TOKENS, dim)
@@ -323,7 +380,7 @@ def prompted(
         return {"tokens": tokens}, features
 
     if method == "pgn":
-        generator = ResNet10(PGN_TOKENS * PGN_LIBRARY).train().to(device)
+        generator = ResNet10(PGN_TOKENS * PGN_LIBRARY).train(train).to(device)
         library = (0.02 * torch.randn(PGN_LIBRARY, dim, **on)).requires_grad_()
 
         def features(images):
@@ -409,13 +466,14 @@ def make_step(
     bfloat16: bool = False,
     vp_prompt_size: int = 30,
     normalization=((0.5,) * 3, (0.5,) * 3),
+    adavipro_region_size: int = 32,
     skip_discarded_rows: bool = False,
     seed: int = 0,
 ):
     """A no-argument function running one training step of ``method`` on the torch twin of the
     jprompt backbone ``module``; it returns the loss tensor. ``bfloat16`` runs the forward
     under ``torch.autocast`` (parameters stay float32); ``skip_discarded_rows``: see ``ViT``;
-    ``vp_prompt_size`` and ``normalization``: see ``prompted``."""
+    ``vp_prompt_size``, ``normalization`` and ``adavipro_region_size``: see ``prompted``."""
     torch.manual_seed(seed)
     on = dict(device=device)
     vit = ViT(module, image_size, skip_discarded_rows).eval().to(device)
@@ -428,6 +486,7 @@ def make_step(
         image_size=image_size,
         vp_prompt_size=vp_prompt_size,
         normalization=normalization,
+        adavipro_region_size=adavipro_region_size,
         device=device,
     )
     head = nn.Linear(vit.feature_dim, num_classes, **on)
