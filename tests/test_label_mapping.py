@@ -253,6 +253,10 @@ def test_the_iterative_mapping_recounts_every_epoch_and_resumes_on_it(shapes_dat
     np.testing.assert_array_equal(
         restored.frozen["label_mapping"]["index"], recorded[str(best_epoch)]
     )
+    # Without the record the mapping is unknown: refused, never served as first_c.
+    (workdir / "label_mapping.json").unlink()
+    with pytest.raises(InputError, match="holds no label_mapping.json with the head=iterative"):
+        trainer.restore_best(config, workdir)
 
 
 def test_the_trainer_maps_by_the_text_similarity_of_the_class_names(shapes_data_dir, tmp_path):

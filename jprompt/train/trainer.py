@@ -746,8 +746,13 @@ def _use_mapping_of_step(experiment: Experiment, workdir, step: int) -> None:
     if remapping.is_counted(experiment.method) and step > 0:
         epoch = remapping.epoch_of(step, experiment.steps_per_epoch)
         index = remapping.in_effect(remapping.read(workdir), epoch)
-        if index is not None:
-            remapping.use(experiment, index)
+        if index is None:  # never silently the initial first_c
+            head = experiment.config.head.name
+            raise InputError(
+                f"{workdir} holds no {remapping.MAPPING_FILE} with the head={head} mapping of "
+                f"epoch {epoch}, so the run's mapping is unknown: train it again in a new workdir"
+            )
+        remapping.use(experiment, index)
 
 
 def _validate(run: _Run, trained, step: int) -> dict[str, float]:
