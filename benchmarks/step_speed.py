@@ -159,7 +159,7 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        return statistics.median(self.round_ratios) if self.round_ratios else None
+        return median(self.round_ratios)
 
     @property
     def ratio_range(self) -> tuple[float, float] | None:
@@ -167,12 +167,15 @@ class Row:
 
     @property
     def ratio_compiled(self) -> float | None:
-        rounds = self.compiled_round_ratios
-        return statistics.median(rounds) if rounds else None
+        return median(self.compiled_round_ratios)
 
     @property
     def ratio_compiled_range(self) -> tuple[float, float] | None:
         return spread(self.compiled_round_ratios)
+
+
+def median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def spread(values: list[float] | None) -> tuple[float, float] | None:

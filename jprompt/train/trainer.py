@@ -408,8 +408,7 @@ def semantic_embeddings(config: ConfigDict, num_source: int, class_names) -> dic
             f"head.text_backbone={text_config.name} has no text tower: use a clip_* backbone "
             "(AutoVP's is clip_b32)"
         )
-    preset = presets.get(config.dataset.preset)
-    target_names = config.head.class_names or preset.clean_class_names(class_names)
+    target_names = head_class_names(config, class_names)
     bare = ("{}",)
     return dict(
         source_embeddings=heads.class_embeddings(text_backbone.text, source_names, bare),
@@ -452,17 +451,23 @@ HEADS = ("linear", "zeroshot", *label_mapping.MAPPINGS)
 SELECTIONS = ("val", "last")
 
 
+def head_class_names(config: ConfigDict, class_names) -> Sequence[str]:
+    """The names a text head reads for the dataset's ``class_names``: ``head.class_names``, or
+    the preset's cleaning of the dataset's own."""
+    preset = presets.get(config.dataset.preset)
+    return config.head.class_names or preset.clean_class_names(class_names)
+
+
 def build_zeroshot_head(config: ConfigDict, backbone, class_names):
     """The frozen zero-shot head when ``config.head.name == "zeroshot"``, else None."""
     if config.head.name not in HEADS:
         raise ValueError(f"unknown head {config.head.name!r}; valid choices: {HEADS}")
     if config.head.name != "zeroshot":
         return None
-    preset = presets.get(config.dataset.preset)
     return heads.build_zeroshot_head(
         backbone.text,
-        config.head.class_names or preset.clean_class_names(class_names),
-        config.head.templates or preset.templates,
+        head_class_names(config, class_names),
+        config.head.templates or presets.get(config.dataset.preset).templates,
         backbone_name=backbone.name,
         name_rule=config.head.name_rule,
     )
