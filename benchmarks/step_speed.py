@@ -41,7 +41,10 @@ with ``jprompt.train.compilation``'s options, as the trainer does; random weight
   20% within a minute. JSON: eager torch keeps the keys ``torch_img_s``, ``round_ratios``,
   ``ratio`` and ``ratio_range``; compiled torch has ``compiled_img_s``,
   ``compiled_round_ratios``, ``ratio_compiled``, ``ratio_compiled_range`` and
-  ``torch_compile_s`` (null without ``--torch_compile``).
+  ``torch_compile_s`` (null without ``--torch_compile``); ``load`` is the host's 1-minute
+  load average after each round (this run's own threads included), since other processes on
+  the host slow eager PyTorch far more than XLA. ``speed_runs.py`` gives the spread over
+  several runs' JSON files.
 
     python benchmarks/step_speed.py --methods=vp,vpt_deep --backbones=vit_ti16,vit_b16 \
         --batch_sizes=16 --json=/tmp/step_speed.json
@@ -55,6 +58,7 @@ XLA flags go through the ``XLA_FLAGS`` environment variable as usual.
 import dataclasses
 import importlib.util
 import json
+import os
 import statistics
 import time
 
@@ -156,6 +160,7 @@ class Row:
     compiled_img_s: float | None = None
     compiled_round_ratios: list[float] | None = None  # jprompt / compiled torch, by round
     torch_compile_s: float | None = None
+    load: list[float] | None = None  # the host's 1-minute load average after each round
 
     @property
     def ratio(self) -> float | None:
@@ -363,6 +368,7 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
     jax_times, matmul_times = [], []
     torch_times = {kind: [] for kind in torch_steps}
     round_ratios = {kind: [] for kind in torch_steps}  # jprompt / torch speed, by round
+    load = []
     for _ in range(_REPEATS.value):
         matmul_times += [timed(matmul[0], jax.block_until_ready) for _ in range(3)]
         jax_round = [timed(run, jax.block_until_ready) for _ in range(_STEPS.value)]
@@ -372,6 +378,7 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
             torch_times[kind] += torch_round
             ratio = statistics.median(torch_round) / statistics.median(jax_round)
             round_ratios[kind].append(ratio)
+        load.append(os.getloadavg()[0])
     seconds = statistics.median(jax_times)
     peak = matmul[1] / statistics.median(matmul_times)
     flops = model_flops(built.backbone.module, method, batch, _IMAGE_SIZE.value)
@@ -397,6 +404,7 @@ def measure(method: str, name: str, batch: int, matmul) -> Row:
         compiled_img_s=torch_img_s("compiled"),
         compiled_round_ratios=round_ratios.get("compiled"),
         torch_compile_s=torch_compile_s,
+        load=load,
     )
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from jprompt import methods
 from jprompt.methods import heads, pgn, pgn_release
-from jprompt.models import backbone, vit
+from jprompt.models import backbone, resnet, vit
 from jprompt.train import sharding, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -190,6 +190,27 @@ def test_released_weights_import_fails_naming_the_problem(monkeypatch):
     message = str(error.value)
     assert "unexpected keys ['model.blocks.0.downsample.weight']" in message
     assert "missing keys ['model.blocks.2.net.4.running_var']" in message
+
+
+@pytest.mark.parametrize("size", [14, 15])  # even and odd sides: the last window is partial
+def test_max_pool_and_its_gradient_are_pytorchs(size):
+    # The stem's pool follows a ReLU, so windows tie (zeros, and here repeated values): PyTorch
+    # routes a window's gradient to its first maximum in row-major order, and so must we.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.maximum(np.round(rng.normal(size=(2, size, size, 5)) * 2) / 2, 0).astype(np.float32)
+    out_size = (size - 1) // 2 + 1
+    cotangent = rng.normal(size=(2, out_size, out_size, 5)).astype(np.float32)
+    pooled, vjp = jax.vjp(resnet.max_pool, jnp.asarray(x))
+    (grad,) = vjp(jnp.asarray(cotangent))
+
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    pooled_torch = torch.nn.functional.max_pool2d(x_torch, 3, 2, 1)
+    pooled_torch.backward(torch.from_numpy(cotangent.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(pooled, pooled_torch.detach().numpy().transpose(0, 2, 3, 1))
+    expected = x_torch.grad.numpy().transpose(0, 2, 3, 1)
+    assert (expected == 0).mean() > 0.5  # many positions lose every tie
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
 
 
 # --- One small experiment per method, shared by the tests below -----------------------------------

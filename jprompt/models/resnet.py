@@ -13,7 +13,10 @@ default of its training scripts; the released weights confirm every shape):
 
 Padding is explicit and symmetric, as in PyTorch (``"SAME"`` would pad a stride-2 conv only at
 the bottom/right), and the max-pool pads with -inf, so imported PyTorch weights give PyTorch's
-outputs. Initialisation as in PyTorch: convs He-normal with fan_out (``kaiming_normal_``, not
+outputs. The max-pool's gradient goes, as in PyTorch, to the first maximum of each window in
+row-major order (``max_pool``).
+
+Initialisation as in PyTorch: convs He-normal with fan_out (``kaiming_normal_``, not
 truncated); BN scale 1, bias 0; the shortcut bias and the Linear layer keep PyTorch's defaults,
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias. ``init_variables`` draws the same
 distributions with two random calls instead of one per parameter (much faster to compile).
@@ -25,6 +28,8 @@ one); evaluation uses the running statistics. Collections: ``params`` (``scale``
 ``kernel``) and ``batch_stats`` (``mean``, ``var``).
 """
 
+import functools
+import itertools
 import math
 from typing import Any
 
@@ -78,6 +83,53 @@ class BatchNorm(nn.Module):
             mean, var = running_mean.value, running_var.value
         y = (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
         return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+    """``torch.nn.functional.max_pool2d(x, window, stride, padding=window // 2)`` on NHWC.
+
+    The gradient goes to the first maximum of each window in row-major order, as PyTorch's CPU
+    and CUDA kernels route it, and is computed from ``window**2`` strided slices: XLA:CPU's
+    ``select_and_scatter``, autodiff's gradient of ``nn.max_pool``, took twice as long.
+    """
+    pad = window // 2
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=((pad, pad),) * 2)
+
+
+def _max_pool_forward(x, window, stride):
+    pooled = max_pool(x, window, stride)
+    return pooled, (x, pooled)
+
+
+def _max_pool_backward(window, stride, residuals, grad):
+    x, pooled = residuals
+    pad = window // 2
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+    out_size = pooled.shape[1]
+    span = stride * (out_size - 1) + 1
+    taken = jnp.zeros(pooled.shape, bool)
+    grad_in = jnp.zeros(padded.shape, grad.dtype)
+    zero = jnp.zeros((), grad.dtype)
+    for row, col in itertools.product(range(window), repeat=2):
+        window_slice = padded[:, row : row + span : stride, col : col + span : stride]
+        first = (window_slice == pooled) & ~taken
+        taken = taken | first
+        # A strided slice's transpose: place each element back at its input position.
+        grad_in = grad_in + jax.lax.pad(
+            jnp.where(first, grad, zero),
+            zero,
+            (
+                (0, 0, 0),
+                (row, padded.shape[1] - row - span, stride - 1),
+                (col, padded.shape[2] - col - span, stride - 1),
+                (0, 0, 0),
+            ),
+        )
+    return (grad_in[:, pad:-pad, pad:-pad],)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, *, bias: bool = False) -> nn.Conv:
@@ -137,7 +189,7 @@ class ResNet10(nn.Module):
         x = images.astype(self.dtype)
         x = _conv(self.widths[0], 3, 2, "stem_conv")(x)
         x = nn.relu(BatchNorm(name="stem_bn")(x, train=train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x)
         for i, width in enumerate(self.widths):
             x = BasicBlock(width, subsample=i > 0, name=f"block_{i}")(x, train=train)
         x = x.mean(axis=(1, 2))
