@@ -239,6 +239,27 @@ def test_step_speed_harness_smoke(tmp_path):
             assert row[ratio] == row[rounds][0]
             assert row[f"{ratio}_range"] == [row[ratio], row[ratio]]
     assert "vpt_deep" in result.stdout
+    assert len(row["load"]) == 1 and row["load"][0] >= 0  # the load average after the round
+
+    # speed_runs.py on three copies of this run, with the ratios of three runs written in.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed_runs
+
+    paths = []
+    for index, (eager, compiled, load) in enumerate(
+        [(1.0, 0.95, 1.5), (1.2, None, 0.5), (0.9, 0.85, 2.3)]
+    ):
+        run = json.loads(out.read_text())
+        run["rows"][0].update(ratio=eager, ratio_compiled=compiled, load=[load], img_s=10.0 + index)
+        if index == 1:  # a row that only one run has is left out
+            run["rows"].append({**run["rows"][0], "method": "vp"})
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps(run))
+    lines = speed_runs.table([str(p) for p in paths]).splitlines()
+    assert lines[0] == "3 runs: median (lowest-highest run)"
+    assert lines[3:] == [
+        f"| vpt_deep | vit_tiny16 | {BATCH} | 1.00 (0.90-1.20) | 0.90 (0.85-0.95) | 11.00 | 2.3 |"
+    ]
 
 
 def test_torch_reference_skipping_discarded_rows_changes_no_output():
@@ -350,13 +371,14 @@ def test_block_speed_benchmark_smoke():
         "--backbone=vit_tiny16",
         f"--batch={BATCH}",
         "--tokens=9",
+        "--image_size=32",  # the PGN generator's input
         "--steps=1",
         "--repeats=1",
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
-    assert list(rows) == ["attention", "mlp", "block", "stack"]
+    assert list(rows) == ["attention", "mlp", "block", "stack", "generator"]
     for name, (jax_ms, torch_ms, ratio) in rows.items():
         assert float(jax_ms) > 0, name
         if torch_ms != "-":
