@@ -2,10 +2,11 @@ r"""The spread of ``step_speed.py``'s ratios over separate runs: one row per met
 and batch size found in every run's ``--json`` file.
 
 A run's ratio is already the median over its paired rounds; between runs that median moves by
-more than its rounds spread (the machine's speed, its other load, the compiled code's memory
-layout), so the table gives, for eager and compiled PyTorch, the median of the runs' ratios
-and, in brackets, the lowest and highest run's ratio; then jprompt's images/s as the median of
-the runs' and the highest 1-minute load average seen in any round.
+more than its rounds spread (the machine's speed and other load; on the CPU machine of
+benchmarks/README.md a ViT-Ti/16 step that runs at one of two speeds per process), so the table
+gives, for eager and compiled PyTorch, the median of the runs' ratios and, in brackets, the
+lowest and highest run's ratio; then jprompt's images/s as the median of the runs' and the
+highest 1-minute load average seen in any round.
 
     for run in 1 2 3; do
       python benchmarks/step_speed.py --backbones=vit_ti16 --batch_sizes=16 --steps=1 \
